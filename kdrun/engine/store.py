@@ -1,0 +1,66 @@
+"""The model store: trained teachers (and student baselines), reused across runs.
+
+Layout: ``<root>/<dataset>/<model>/seed<k>/<recipe-hash>/`` holding ``model.pt`` (final weights),
+``recipe.json`` (what the hash covers), ``summary.json``, ``metrics.csv``, ``checkpoints/last.pt``
+while training. A model is trained once per recipe: a 3-epoch quickstart teacher is never reused for a
+240-epoch run because the epochs are part of the recipe. An exclusive file lock per entry makes two
+runs that need the same model at once take turns: the second waits and then reuses what the first
+trained. An interrupted training resumes from its last checkpoint the next time it is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from kdrun.config import recipe_hash
+from kdrun.engine.io import write_json
+
+log = logging.getLogger("kdrun")
+
+MODEL_FILE = "model.pt"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str):
+    """Hold an exclusive lock on ``path`` (created if missing) for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting: another kdrun process is training %s (lock %s)", what, path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class ModelStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def entry(self, dataset: str, model: str, seed: int, recipe: dict) -> Path:
+        safe_model = model.replace("/", "_")
+        return self.root / dataset / safe_model / f"seed{seed}" / recipe_hash(recipe)
+
+    def obtain(self, entry: Path, recipe: dict, what: str, train: Callable[[Path], dict]) -> tuple[Path, bool]:
+        """Return (path to model.pt, trained_now). ``train(entry_dir)`` must write entry/model.pt."""
+        model_path = entry / MODEL_FILE
+        if model_path.is_file():
+            return model_path, False
+        with file_lock(entry.with_name(entry.name + ".lock"), what):
+            if model_path.is_file():  # trained by the process we waited for
+                return model_path, False
+            entry.mkdir(parents=True, exist_ok=True)
+            write_json(entry / "recipe.json", recipe)
+            train(entry)
+            if not model_path.is_file():
+                raise RuntimeError(f"training {what} did not write {model_path}")
+            return model_path, True

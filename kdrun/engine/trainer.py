@@ -1,0 +1,250 @@
+"""The training loop: a stage asks for nothing but ``training_step(x, y, progress)``.
+
+Per step: autocast forward (bf16/fp16, KD math in fp32 inside the terms), backward (grad scaler for
+fp16), optimizer step, with running sums kept on the device (no host sync inside the step except
+every ``log_every`` steps for the live bar). Per epoch: evaluation, one metrics row, last and best
+checkpoints. ``resume`` continues from ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
+from kdrun.engine.metrics import MetricsWriter
+from kdrun.engine.progress import EpochProgress
+from kdrun.engine.schedule import LRSchedule, build_optimizer
+from kdrun.errors import KdrunError
+
+log = logging.getLogger("kdrun")
+
+
+class Stage(Protocol):
+    """What the trainer needs from a scheme's stage."""
+
+    name: str
+    model: nn.Module  # the model evaluated and checkpointed (the student)
+
+    def parameters_to_train(self) -> list[nn.Parameter]: ...
+    def train(self) -> None: ...
+    def training_step(self, x: torch.Tensor, y: torch.Tensor, progress: float): ...
+    def extra_state(self) -> dict: ...
+    def load_extra_state(self, state: dict) -> None: ...
+
+
+@dataclass
+class FitResult:
+    top1_best: float = float("nan")
+    top1_last: float = float("nan")
+    top5_best: float = float("nan")
+    top5_last: float = float("nan")
+    best_epoch: int = 0
+    epochs: int = 0
+    train_seconds: float = 0.0
+    images_per_second: float = float("nan")
+    history: list[dict] = field(default_factory=list)
+
+    def as_summary(self, prefix: str) -> dict:
+        return {
+            f"{prefix}_top1_best": self.top1_best,
+            f"{prefix}_top1_last": self.top1_last,
+            f"{prefix}_top5_best": self.top5_best,
+            f"{prefix}_best_epoch": self.best_epoch,
+        }
+
+
+class Trainer:
+    def __init__(self, cfg, data, device: torch.device, amp_dtype: torch.dtype | None, progress: bool = False):
+        """``cfg``: the full run config (reads trainer, optim, sched). ``data``: a DataModule."""
+        self.cfg = cfg
+        self.tcfg = cfg.trainer
+        self.data = data
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.progress = progress
+
+    # ------------------------------------------------------------------ helpers
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def steps_per_epoch(self) -> int:
+        steps = self.data.steps_per_epoch
+        limit = self.tcfg.limit_train_batches
+        return min(steps, int(limit)) if limit is not None else steps
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict:
+        """Test loss, top-1 and top-5 (percent) of ``model`` on the test split."""
+        was_training = model.training
+        model.eval()
+        limit = self.tcfg.limit_eval_batches
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        c1 = torch.zeros((), device=self.device, dtype=torch.long)
+        c5 = torch.zeros((), device=self.device, dtype=torch.long)
+        n = 0
+        for i, (x, y) in enumerate(self.data.eval_batches()):
+            if limit is not None and i >= int(limit):
+                break
+            with self.autocast():
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top.eq(y[:, None])
+            c1 += hit[:, 0].sum()
+            c5 += hit.any(dim=1).sum()
+            n += y.numel()
+        model.train(was_training)
+        if n == 0:
+            return {"test_loss": float("nan"), "test_top1": float("nan"), "test_top5": float("nan")}
+        return {
+            "test_loss": loss_sum.item() / n,
+            "test_top1": 100.0 * c1.item() / n,
+            "test_top5": 100.0 * c5.item() / n,
+        }
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        stage: Stage,
+        *,
+        epochs: int,
+        lr: float,
+        ckpt_dir: Path | None,
+        metrics: Sequence[MetricsWriter] = (),
+        resume: bool = False,
+        label: str | None = None,
+    ) -> FitResult:
+        """Train ``stage`` for ``epochs`` epochs at base learning rate ``lr``."""
+        label = label or stage.name
+        steps = self.steps_per_epoch()
+        optimizer = build_optimizer(stage.parameters_to_train(), self.cfg.optim, lr)
+        schedule = LRSchedule(self.cfg.sched, lr, epochs, steps)
+        scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        result = FitResult(epochs=epochs)
+        start = 0
+        last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
+        if resume and last_path is not None and last_path.is_file():
+            start = self._resume(stage, optimizer, last_path, result)
+            for m in metrics:
+                m.truncate(stage.name, start)
+            log.info("%s: resuming after epoch %d from %s", label, start, last_path)
+        log_every = max(1, int(self.tcfg.log_every))
+
+        with EpochProgress(self.progress) as bar:
+            for epoch in range(start, epochs):
+                stage.train()
+                bar.start(f"{label} {epoch + 1}/{epochs}", steps)
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=self.device)
+                correct = torch.zeros((), device=self.device, dtype=torch.long)
+                term_sums: dict[str, torch.Tensor] = {}
+                seen = 0
+                lr_now = lr
+                for i, (x, y) in enumerate(self.data.train_batches(epoch)):
+                    if i >= steps:
+                        break
+                    lr_now = schedule(epoch, i)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_now
+                    with self.autocast():
+                        loss, logits, logs = stage.training_step(x, y, (epoch + i / steps) / max(epochs, 1))
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                    b = y.shape[0]
+                    seen += b
+                    loss_sum += loss.detach().float() * b
+                    correct += (logits.detach().argmax(dim=1) == y).sum()
+                    for k, v in logs.items():
+                        term_sums[k] = term_sums.get(k, 0.0) + v.float() * b
+                    if bar.enabled and (i + 1) % log_every == 0:
+                        bar.update(i + 1, f"loss {loss_sum.item() / seen:.3f}  acc {100.0 * correct.item() / seen:.1f}%")
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                train_seconds = time.perf_counter() - t0
+                train_loss = loss_sum.item() / max(seen, 1)
+                if not math.isfinite(train_loss):
+                    raise KdrunError(
+                        f"{label}: training diverged (train loss {train_loss}) in epoch {epoch + 1}; "
+                        "lower optim.lr or a loss weight, or try trainer.amp=off"
+                    )
+                row = {"stage": stage.name, "epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss}
+                row.update({k: v.item() / max(seen, 1) for k, v in term_sums.items()})
+                row["train_top1"] = 100.0 * correct.item() / max(seen, 1)
+                last_epoch = epoch + 1 == epochs
+                every = max(1, int(self.tcfg.eval_every))
+                if last_epoch or (epoch + 1) % every == 0:
+                    row.update(self.evaluate(stage.model))
+                else:
+                    row.update({"test_loss": float("nan"), "test_top1": float("nan"), "test_top5": float("nan")})
+                row["epoch_seconds"] = time.perf_counter() - t0
+                row["images_per_second"] = seen / max(train_seconds, 1e-9)
+                result.train_seconds += train_seconds
+                self._record(result, row)
+                for m in metrics:
+                    m.append(row)
+                log.info(
+                    "%s epoch %d/%d  loss %.4f  train %.2f%%  test %.2f%% (top-5 %.2f%%)  %.1fs  %.0f img/s",
+                    label, epoch + 1, epochs, train_loss, row["train_top1"], row["test_top1"],
+                    row["test_top5"], row["epoch_seconds"], row["images_per_second"],
+                )
+                if ckpt_dir is not None:
+                    self._save(stage, optimizer, ckpt_dir, epoch + 1, result, improved=result.best_epoch == epoch + 1)
+        if result.history:
+            ips = [r["images_per_second"] for r in result.history]
+            result.images_per_second = sum(ips) / len(ips)
+        return result
+
+    # ------------------------------------------------------------------ bookkeeping
+    @staticmethod
+    def _record(result: FitResult, row: dict) -> None:
+        result.history.append(row)
+        top1, top5 = row["test_top1"], row["test_top5"]
+        if math.isnan(top1):
+            return
+        result.top1_last, result.top5_last = top1, top5
+        if math.isnan(result.top1_best) or top1 > result.top1_best:
+            result.top1_best, result.best_epoch = top1, row["epoch"]
+        if math.isnan(result.top5_best) or top5 > result.top5_best:
+            result.top5_best = top5
+
+    def _save(self, stage: Stage, optimizer, ckpt_dir: Path, epoch: int, result: FitResult, improved: bool) -> None:
+        if not bool(self.tcfg.get("save_checkpoints", True)):
+            return
+        meta = {"epoch": epoch, "top1": result.top1_last, "top1_best": result.top1_best,
+                "top5_best": result.top5_best, "best_epoch": result.best_epoch}
+        save_checkpoint(ckpt_dir / "last.pt", stage.model, optimizer=optimizer.state_dict(),
+                        extra_state=stage.extra_state(), **meta)
+        if improved:
+            save_checkpoint(ckpt_dir / "best.pt", stage.model, **meta)
+
+    def _resume(self, stage: Stage, optimizer, path: Path, result: FitResult) -> int:
+        payload = read_checkpoint(path)
+        load_into(stage.model, payload, path, role=stage.name)
+        if "optimizer" in payload:
+            optimizer.load_state_dict(payload["optimizer"])
+        stage.load_extra_state(payload.get("extra_state", {}))
+        result.top1_best = float(payload.get("top1_best", float("nan")))
+        result.top5_best = float(payload.get("top5_best", float("nan")))
+        result.top1_last = float(payload.get("top1", float("nan")))
+        result.best_epoch = int(payload.get("best_epoch", 0))
+        return int(payload["epoch"])

@@ -1,0 +1,32 @@
+"""User-facing errors: one line that names the bad value and the valid choices or the fix."""
+
+from __future__ import annotations
+
+
+class KdrunError(Exception):
+    """An error the user can fix. The CLI prints ``kdrun: error: <message>`` and no traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(KdrunError):
+    """Bad configuration or command-line input (unknown name, value out of range, missing file)."""
+
+    exit_code = 2
+
+
+class DataError(KdrunError):
+    """A dataset that cannot be found or read."""
+
+    exit_code = 2
+
+
+class CheckpointError(KdrunError):
+    """A checkpoint that is truncated, foreign, or does not fit the model it is loaded into."""
+
+    exit_code = 2
+
+
+def choices_text(choices) -> str:
+    """Render valid choices for an error message: ``a, b, c``."""
+    return ", ".join(sorted(str(c) for c in choices))

@@ -1,0 +1,93 @@
+"""The knowledge-term interface and the set that sums the selected terms with label cross-entropy."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdrun.errors import ConfigError
+
+Taps = Mapping[str, torch.Tensor]
+
+
+class KnowledgeTerm(nn.Module):
+    """One distillation term: ``forward(student_taps, teacher_taps, targets) -> scalar`` (unweighted).
+
+    Subclasses set ``name`` and the taps they read on each side (``student_taps``/``teacher_taps``;
+    "logits", "embedding", "stage1".., "stage2_preact"...). A term that needs adapters (regressors,
+    projections) builds them in :meth:`setup` from the probed feature shapes; they are its own
+    parameters, trained with the student and never part of the saved student.
+    """
+
+    name: str = "term"
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        weight = float(weight)
+        if weight < 0:
+            raise ConfigError(f"loss.{self.name}.weight={weight} must be >= 0")
+        self.weight = weight
+
+    def student_taps(self) -> set[str]:
+        return {"logits"}
+
+    def teacher_taps(self) -> set[str]:
+        return {"logits"}
+
+    def setup(self, student_shapes: Mapping[str, tuple], teacher_shapes: Mapping[str, tuple]) -> None:
+        """Build adapters from tap shapes (without batch dim). Default: nothing to build."""
+
+    def forward(self, s: Taps, t: Taps, targets: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def check_taps(term: KnowledgeTerm, side: str, needed: set[str], shapes: Mapping[str, tuple]) -> None:
+    missing = sorted(needed - set(shapes))
+    if missing:
+        raise ConfigError(
+            f"loss.{term.name} needs {side} tap(s) {', '.join(missing)}; the {side} has: "
+            f"{', '.join(sorted(shapes))}"
+        )
+
+
+class KnowledgeSet(nn.Module):
+    """The selected terms plus label cross-entropy, summed with their weights.
+
+    Cross-entropy weight: 1 - loss.kd.alpha when `kd` is selected (Hinton's mix), else 1.
+    ``forward`` returns the total loss and ``{"loss_ce": .., "loss_<term>": ..}``, each entry the
+    term's weighted contribution to the total (detached).
+    """
+
+    def __init__(self, terms: Mapping[str, KnowledgeTerm]) -> None:
+        super().__init__()
+        self.terms = nn.ModuleDict(dict(terms))
+        kd = self.terms["kd"] if "kd" in self.terms else None
+        self.ce_weight = 1.0 - kd.weight if kd is not None else 1.0
+
+    def student_taps(self) -> set[str]:
+        return set().union({"logits"}, *(t.student_taps() for t in self.terms.values()))
+
+    def teacher_taps(self) -> set[str]:
+        return set().union(*(t.teacher_taps() for t in self.terms.values())) if self.terms else set()
+
+    def needs_teacher(self) -> bool:
+        return len(self.terms) > 0
+
+    def setup(self, student_shapes: Mapping[str, tuple], teacher_shapes: Mapping[str, tuple]) -> None:
+        for term in self.terms.values():
+            check_taps(term, "student", term.student_taps(), student_shapes)
+            check_taps(term, "teacher", term.teacher_taps(), teacher_shapes)
+            term.setup(student_shapes, teacher_shapes)
+
+    def forward(self, s: Taps, t: Taps, targets: torch.Tensor, progress: float = 0.0):
+        ce = F.cross_entropy(s["logits"].float(), targets)
+        total = self.ce_weight * ce
+        logs = {"loss_ce": (self.ce_weight * ce).detach()}
+        for name, term in self.terms.items():
+            value = term.weight * term(s, t, targets, progress)
+            total = total + value
+            logs[f"loss_{name}"] = value.detach()
+        return total, logs

@@ -1,0 +1,1 @@
+"""Reporting: the end-of-run table, sweep tables and the compare command."""

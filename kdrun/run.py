@@ -1,0 +1,370 @@
+"""``run(cfg) -> summary``: one kdrun run, from a composed config to the files in its run dir.
+
+compose config -> build data -> build the scheme's models -> train its stages -> write outputs.
+Tests call :func:`run` directly; the CLI calls it from the Hydra entrypoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun.config import instantiate, loss_name, to_plain
+from kdrun.data import build_data
+from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
+from kdrun.engine.device import amp_name, resolve_amp, resolve_device
+from kdrun.engine.io import write_json, write_text
+from kdrun.engine.metrics import MetricsWriter
+from kdrun.engine.progress import progress_enabled
+from kdrun.engine.store import MODEL_FILE, ModelStore
+from kdrun.engine.trainer import FitResult, Trainer
+from kdrun.errors import ConfigError, KdrunError
+from kdrun.knowledge import KnowledgeSet, build_knowledge
+from kdrun.models import count_macs, count_params, create_model
+
+log = logging.getLogger("kdrun")
+
+# every scheme reports these, so a sweep table has the same columns whatever ran
+RESULT_KEYS = (
+    "student_top1_best", "student_top1_last", "student_top5_best", "teacher_top1",
+    "student_params", "teacher_params", "student_macs", "teacher_macs",
+)
+
+
+# ---------------------------------------------------------------------------- start-up checks
+def validate(cfg: DictConfig) -> None:
+    """Reject bad numbers before anything trains (names were checked before composing)."""
+    t = cfg.trainer
+    if int(t.epochs) < 0:
+        raise ConfigError(f"trainer.epochs={t.epochs} must be >= 0")
+    for key in ("batch_size", "eval_batch_size", "eval_every", "log_every"):
+        if int(t[key]) < 1:
+            raise ConfigError(f"trainer.{key}={t[key]} must be >= 1")
+    for key in ("limit_train_batches", "limit_eval_batches"):
+        if t[key] is not None and int(t[key]) < 1:
+            raise ConfigError(f"trainer.{key}={t[key]} must be >= 1 or null")
+    for role in ("teacher", "student"):
+        node = cfg.get(role)
+        if node is not None and node.get("epochs") is not None and int(node.epochs) < 0:
+            raise ConfigError(f"{role}.epochs={node.epochs} must be >= 0")
+        if node is not None and node.get("lr") is not None and float(node.lr) <= 0:
+            raise ConfigError(f"{role}.lr={node.lr} must be > 0")
+    if float(cfg.optim.lr) <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+
+
+# ---------------------------------------------------------------------------- summary
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5,
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        value = OmegaConf.create({"v": text}).v
+        return to_plain(value)
+    except Exception:
+        return text
+
+
+def initial_summary(cfg: DictConfig, overrides: Iterable[str]) -> dict:
+    scheme = str(cfg.scheme.name)
+    summary: dict[str, Any] = {
+        "status": "running",
+        "error": None,
+        "scheme": scheme,
+        "teacher": None if scheme == "baseline" else _model_label(cfg.get("teacher")),
+        "student": _model_label(cfg.get("student")),
+        "loss": "none" if scheme == "baseline" else loss_name(cfg.loss),
+        "dataset": str(cfg.dataset.name),
+        "seed": int(cfg.seed),
+        "epochs": int(cfg.trainer.epochs),
+    }
+    summary.update({k: None for k in RESULT_KEYS})
+    if cfg.get("compare_baseline"):
+        summary.update({"student_baseline_top1": None, "gain_top1": None})
+    summary.update({"wall_seconds": None, "device": None, "amp": None, "git_sha": _git_sha()})
+    summary["overrides"] = " ".join(overrides)
+    for ov in overrides:
+        if "=" not in ov or ov.startswith("hydra."):
+            continue
+        key, value = ov.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in summary:  # group choices (teacher=, loss=...) are there already
+            summary[key] = _parse_value(value)
+    return summary
+
+
+def _model_label(node) -> str | None:
+    if node is None:
+        return None
+    return str(node.name)
+
+
+# ---------------------------------------------------------------------------- run context
+class RunContext:
+    """What a scheme can use: config, data, device, trainer, store, and model helpers."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, data, device, amp_dtype, knowledge: KnowledgeSet):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.data = data
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.knowledge = knowledge
+        self.trainer = Trainer(cfg, data, device, amp_dtype, progress=progress_enabled(cfg.trainer.progress))
+        self.metrics = MetricsWriter(run_dir / "metrics.csv")
+        if not bool(cfg.trainer.resume):
+            self.metrics.rows = []
+        self.store = ModelStore(cfg.paths.store)
+        self.sources: dict[str, str] = {}  # role -> checkpoint the model came from
+        self.stored: dict[str, dict] = {}  # role -> store payload (accuracies) of store-trained models
+
+    # -- models
+    def build_model(self, node: DictConfig):
+        """A freshly initialised model (seeded with cfg.seed) on the run's device."""
+        info = self.data.info
+        torch.manual_seed(int(self.cfg.seed))
+        is_timm = node.get("source") == "timm"
+        model = create_model(
+            "timm" if is_timm else str(node.name),
+            num_classes=info.num_classes,
+            in_chans=info.in_chans,
+            image_size=info.image_size,
+            timm_name=str(node.name) if is_timm else None,
+            pretrained=node.get("pretrained"),
+        )
+        model = model.to(self.device)
+        if bool(self.cfg.trainer.channels_last):
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def lr_for(self, node: DictConfig) -> float:
+        return float(node.lr) if node.get("lr") is not None else float(self.cfg.optim.lr)
+
+    def epochs_for(self, node: DictConfig) -> int:
+        return int(node.epochs) if node.get("epochs") is not None else int(self.cfg.trainer.epochs)
+
+    def model_stats(self, model, prefix: str) -> dict:
+        info = self.data.info
+        return {
+            f"{prefix}_params": count_params(model),
+            f"{prefix}_macs": count_macs(model, info.in_chans, info.image_size),
+        }
+
+    def evaluate_summary(self, model, prefix: str) -> dict:
+        ev = self.trainer.evaluate(model)
+        log.info("%s %s: test top-1 %.2f%%", prefix, getattr(model, "arch", ""), ev["test_top1"])
+        return {f"{prefix}_top1": ev["test_top1"], f"{prefix}_top5": ev["test_top5"]}
+
+    # -- training
+    def fit(self, stage, node: DictConfig, *, label: str | None = None) -> FitResult:
+        """Train a stage of this run (its checkpoints in run_dir/checkpoints, rows in metrics.csv)."""
+        return self.trainer.fit(
+            stage,
+            epochs=int(self.cfg.trainer.epochs),
+            lr=self.lr_for(node),
+            ckpt_dir=self.run_dir / "checkpoints",
+            metrics=[self.metrics],
+            resume=bool(self.cfg.trainer.resume),
+            label=label,
+        )
+
+    def recipe(self, node: DictConfig) -> dict:
+        """Everything that determines a baseline-trained model (the store's key)."""
+        cfg = self.cfg
+        dataset = to_plain(cfg.dataset)
+        dataset.pop("download", None)
+        for key in ("root", "path"):
+            if dataset.get(key):
+                dataset[key] = str(Path(str(dataset[key])).expanduser().resolve())
+        return {
+            "kind": "baseline",
+            "model": str(node.name),
+            "source": str(node.get("source", "zoo")),
+            "pretrained": node.get("pretrained"),
+            "dataset": dataset,
+            "seed": int(cfg.seed),
+            "epochs": self.epochs_for(node),
+            "batch_size": int(cfg.trainer.batch_size),
+            "lr": self.lr_for(node),
+            "optim": {k: v for k, v in to_plain(cfg.optim).items() if k != "lr"},
+            "sched": to_plain(cfg.sched),
+            "limit_train_batches": cfg.trainer.limit_train_batches,
+        }
+
+    def obtain_model(self, node: DictConfig, role: str):
+        """A trained model for ``role``: from ``node.checkpoint``, or the store (training it first)."""
+        from kdrun.schemes.stages import SupervisedStage
+
+        model = self.build_model(node)
+        ckpt = node.get("checkpoint")
+        if ckpt:
+            payload = read_checkpoint(ckpt)
+            load_into(model, payload, ckpt, role=role)
+            log.info("%s %s: loaded %s", role, node.name, ckpt)
+            self.sources[role] = str(ckpt)
+            return model
+
+        recipe = self.recipe(node)
+        entry = self.store.entry(str(self.cfg.dataset.name), str(node.name), int(self.cfg.seed), recipe)
+        what = f"{role} {node.name}"
+        epochs = recipe["epochs"]
+
+        def train(entry_dir: Path) -> dict:
+            log.info("%s: no checkpoint given, training one with scheme=baseline for %d epochs -> %s",
+                     what, epochs, entry_dir)
+            fresh = self.build_model(node)
+            stage = SupervisedStage(fresh, role)
+            fit = self.trainer.fit(
+                stage, epochs=epochs, lr=recipe["lr"], ckpt_dir=entry_dir / "checkpoints",
+                metrics=[MetricsWriter(entry_dir / "metrics.csv"), self.metrics], resume=True, label=what,
+            )
+            summary = {"status": "ok", "model": str(node.name), "role": role, **fit.as_summary("model"),
+                       "top1": fit.top1_last, "recipe": recipe}
+            write_json(entry_dir / "summary.json", summary)
+            save_checkpoint(entry_dir / MODEL_FILE, fresh, top1=fit.top1_last, top1_best=fit.top1_best,
+                            epochs=epochs)
+            return summary
+
+        path, trained = self.store.obtain(entry, recipe, what, train)
+        if not trained:
+            log.info("%s: reusing %s", what, path)
+        payload = read_checkpoint(path)
+        load_into(model, payload, path, role=role)
+        self.sources[role] = str(path)
+        self.stored[role] = payload
+        return model
+
+
+def _run_dir_from_hydra() -> Path | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except Exception:
+        return None
+
+
+def _overrides_from_hydra() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:
+        return []
+
+
+def _default_run_dir(cfg: DictConfig) -> Path:
+    now = datetime.now()
+    from kdrun.config import _run_name
+
+    return Path(cfg.paths.output_root) / "runs" / now.strftime("%Y-%m-%d") / (
+        now.strftime("%H-%M-%S") + "_" + _run_name(_root_=cfg)
+    )
+
+
+def _attach_log_file(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "kdrun.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("kdrun")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
+
+
+# ---------------------------------------------------------------------------- run
+def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[str] | None = None) -> dict:
+    """Run one experiment; always writes ``summary.json`` (status ok or failed) in ``run_dir``."""
+    run_dir = Path(run_dir) if run_dir is not None else (_run_dir_from_hydra() or _default_run_dir(cfg))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = list(overrides) if overrides is not None else _overrides_from_hydra()
+    t0 = time.perf_counter()
+    summary = initial_summary(cfg, overrides)
+    handler = _attach_log_file(run_dir)
+    try:
+        validate(cfg)
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if cfg.trainer.get("threads"):
+            torch.set_num_threads(int(cfg.trainer.threads))
+        device = resolve_device(cfg.trainer.device)
+        amp_dtype = resolve_amp(cfg.trainer.amp, device)
+        summary.update({"device": str(device), "amp": amp_name(amp_dtype)})
+        knowledge = build_knowledge(cfg.loss if summary["scheme"] != "baseline" else {})
+        scheme = instantiate(cfg.scheme)
+        log.info("run dir: %s", run_dir)
+        data = build_data(
+            cfg.dataset, batch_size=int(cfg.trainer.batch_size), eval_batch_size=int(cfg.trainer.eval_batch_size),
+            device=device, seed=int(cfg.seed), channels_last=bool(cfg.trainer.channels_last),
+        )
+        log.info("data: %s | device %s, amp %s", data, device, amp_name(amp_dtype))
+        ctx = RunContext(cfg, run_dir, data, device, amp_dtype, knowledge)
+        summary.update(scheme.run(ctx))
+        if cfg.get("compare_baseline"):
+            summary.update(_compare_baseline(ctx, summary))
+        for role, src in ctx.sources.items():
+            summary[f"{role}_source"] = src
+        summary["status"] = "ok"
+    except BaseException as exc:
+        summary["status"] = "failed"
+        if isinstance(exc, KeyboardInterrupt):
+            summary["error"] = "interrupted"
+        elif isinstance(exc, KdrunError):
+            summary["error"] = str(exc)
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            summary["error"] = f"{type(exc).__name__}: {first}"
+            log.debug("traceback", exc_info=True)
+            handler.handle(logging.makeLogRecord(
+                {"name": "kdrun", "levelno": logging.ERROR, "levelname": "ERROR",
+                 "msg": "run failed", "exc_info": (type(exc), exc, exc.__traceback__)}))
+        raise
+    finally:
+        summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
+        summary["run_dir"] = str(run_dir)
+        summary["host"] = platform.node()
+        write_json(run_dir / "summary.json", _finite(summary))
+        logging.getLogger("kdrun").removeHandler(handler)
+        handler.close()
+    return summary
+
+
+def _compare_baseline(ctx: RunContext, summary: dict) -> dict:
+    """Train (or reuse) the student from labels alone with the same recipe and seed."""
+    node = ctx.cfg.student
+    model = ctx.obtain_model(node, role="student_baseline")
+    ev = ctx.trainer.evaluate(model)
+    stored = ctx.stored.get("student_baseline", {})
+    base_best = float(stored.get("top1_best", ev["test_top1"]))
+    out = {"student_baseline_top1": base_best, "student_baseline_top1_last": ev["test_top1"]}
+    if summary.get("student_top1_best") is not None:
+        out["gain_top1"] = summary["student_top1_best"] - base_best
+        out["gain_top1_last"] = summary["student_top1_last"] - ev["test_top1"]
+    return out
+
+
+def _finite(summary: dict) -> dict:
+    """JSON has no NaN: write null instead; round floats to 6 decimals (no 0.4000000000000057)."""
+    def clean(v):
+        if isinstance(v, float):
+            return round(v, 6) if math.isfinite(v) else None
+        return v
+
+    return {k: clean(v) for k, v in summary.items()}

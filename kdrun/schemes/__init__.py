@@ -1,0 +1,1 @@
+"""Schemes: who teaches whom. Each is a config in conf/scheme/ with a `_target_` here."""

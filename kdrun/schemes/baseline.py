@@ -1,0 +1,15 @@
+"""Baseline: train the student from labels alone (teachers and student baselines)."""
+
+from __future__ import annotations
+
+from kdrun.schemes.base import Scheme
+from kdrun.schemes.stages import SupervisedStage
+
+
+class Baseline(Scheme):
+    name = "baseline"
+
+    def run(self, ctx) -> dict:
+        student = ctx.build_model(ctx.cfg.student)
+        fit = ctx.fit(SupervisedStage(student, "student"), ctx.cfg.student)
+        return {**fit.as_summary("student"), **ctx.model_stats(student, "student")}

@@ -1,0 +1,91 @@
+"""Stages: what the trainer runs. A stage owns the trainable model(s) and computes one step's loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdrun.knowledge import KnowledgeSet
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """A frozen teacher: no gradients, always in eval mode."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def wants_features(taps: set[str]) -> bool:
+    return bool(taps - {"logits"})
+
+
+def wants_preact(taps: set[str]) -> bool:
+    return any(t.endswith("_preact") for t in taps)
+
+
+def tapped_forward(model: nn.Module, x: torch.Tensor, taps: set[str]) -> dict:
+    """Logits alone when that is all that is needed, else every tap from one forward pass."""
+    if wants_features(taps):
+        return model.forward_taps(x, preact=wants_preact(taps))
+    return {"logits": model(x)}
+
+
+class SupervisedStage:
+    """Train ``model`` from labels alone (cross-entropy)."""
+
+    def __init__(self, model: nn.Module, name: str = "student") -> None:
+        self.model, self.name = model, name
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def train(self) -> None:
+        self.model.train()
+
+    def training_step(self, x, y, progress: float):
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, logits, {"loss_ce": loss.detach()}
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+class DistillStage(SupervisedStage):
+    """A student taught by a frozen teacher through a knowledge set (whose adapters train too)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, knowledge: KnowledgeSet, name: str = "student") -> None:
+        super().__init__(student, name)
+        self.teacher = freeze(teacher)
+        self.knowledge = knowledge
+        self.s_taps = knowledge.student_taps()
+        self.t_taps = knowledge.teacher_taps() | {"logits"}
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        return super().parameters_to_train() + [p for p in self.knowledge.parameters() if p.requires_grad]
+
+    def train(self) -> None:
+        self.model.train()
+        self.knowledge.train()
+        self.teacher.eval()
+
+    def teacher_forward(self, x: torch.Tensor) -> dict:
+        with torch.no_grad():
+            return tapped_forward(self.teacher, x, self.t_taps)
+
+    def training_step(self, x, y, progress: float):
+        t_out = self.teacher_forward(x)
+        s_out = tapped_forward(self.model, x, self.s_taps)
+        loss, logs = self.knowledge(s_out, t_out, y, progress)
+        return loss, s_out["logits"], logs
+
+    def extra_state(self) -> dict:
+        return {"knowledge": {k: v.detach().cpu() for k, v in self.knowledge.state_dict().items()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "knowledge" in state:
+            self.knowledge.load_state_dict(state["knowledge"])

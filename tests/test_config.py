@@ -1,0 +1,78 @@
+"""The real configs compose as the CLI composes them; bad names are one clear line."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from kdrun.config import check_overrides, compose, group_options, loss_name, _split_sweep
+from kdrun.errors import ConfigError
+
+
+def test_defaults_follow_the_cifar100_recipe():
+    cfg = compose([])
+    assert cfg.teacher.name == "resnet56" and cfg.student.name == "resnet20"
+    assert cfg.dataset.name == "cifar100" and cfg.scheme.name == "offline"
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size) == (240, 64)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.05, 0.9, 5e-4)
+    assert list(cfg.sched.milestones) == [150, 180, 210] and cfg.sched.gamma == 0.1
+    assert (cfg.loss.kd.temperature, cfg.loss.kd.alpha) == (4.0, 0.9)
+
+
+def test_combined_loss_terms_compose_in_order():
+    cfg = compose(["loss=kd+fitnet", "loss.kd.temperature=2", "loss.fitnet.weight=50"])
+    assert list(cfg.loss) == ["kd", "fitnet"]
+    assert cfg.loss.kd.temperature == 2 and cfg.loss.fitnet.weight == 50
+    assert loss_name(cfg.loss) == "kd+fitnet"
+    assert list(compose(["loss=fitnet+kd"]).loss) == ["fitnet", "kd"]
+
+
+def test_loss_none_is_empty_and_list_form_works():
+    assert loss_name(compose(["loss=none"]).loss) == "none"
+    assert list(compose(["loss=[kd,fitnet]"]).loss) == ["kd", "fitnet"]
+
+
+def test_mobilenet_and_shufflenet_students_use_lr_001():
+    assert compose(["student=mobilenetv2"]).student.lr == 0.01
+    assert compose(["student=shufflenetv2"]).student.lr == 0.01
+    assert compose(["student=resnet20"]).student.lr is None
+
+
+def test_unknown_names_are_one_line_with_the_choices():
+    with pytest.raises(ConfigError) as e:
+        check_overrides(["student=nosuchnet"])
+    msg = str(e.value)
+    assert "nosuchnet" in msg and "resnet20" in msg and "wrn_40_2" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"unknown loss term 'nosuch' in 'kd\+nosuch'; valid: .*fitnet.*kd"):
+        check_overrides(["loss=kd+nosuch"])
+    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'"):
+        check_overrides(["dataset=imagenet"])
+    with pytest.raises(ConfigError, match="only loss options combine"):
+        check_overrides(["student=resnet20+resnet8"])
+    with pytest.raises(ConfigError, match="unknown loss term 'bogus'"):
+        check_overrides(["-m", "loss=kd,kd+bogus"])
+
+
+def test_sweep_values_are_split():
+    assert _split_sweep("kd,kd+fitnet") == ["kd", "kd+fitnet"]
+    assert _split_sweep("[kd,fitnet]") == ["kd", "fitnet"]
+    assert _split_sweep("choice(kd, at)") == ["kd", "at"]
+
+
+def test_quickstart_experiment_sets_compare_baseline():
+    cfg = compose(["experiment=quickstart"])
+    assert cfg.compare_baseline is True and cfg.dataset.name == "fashion_mnist_mini"
+    assert cfg.teacher.epochs > cfg.trainer.epochs
+
+
+def test_every_zoo_model_has_teacher_and_student_configs():
+    from kdrun.models import ZOO
+
+    for group in ("teacher", "student"):
+        assert set(ZOO) | {"timm"} == set(group_options(group))
+
+
+def test_run_name_resolver():
+    cfg = compose(["loss=kd+fitnet", "dataset=synthetic"])
+    from kdrun.config import _run_name
+
+    assert _run_name(_root_=cfg) == "offline_resnet56-resnet20_kd+fitnet_synthetic"
+    assert _run_name(_root_=compose(["scheme=baseline", "dataset=synthetic"])) == "baseline_resnet20_synthetic"

@@ -1,0 +1,119 @@
+"""Engine pieces: checkpoints, metrics file, schedules, the model store's locking."""
+
+import csv
+import math
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
+from kdrun.engine.metrics import MetricsWriter
+from kdrun.engine.schedule import LRSchedule
+from kdrun.engine.store import ModelStore
+from kdrun.errors import CheckpointError
+
+
+class Tiny(nn.Module):
+    def __init__(self, arch="tiny", num_classes=3, in_chans=1):
+        super().__init__()
+        self.arch, self.num_classes, self.in_chans = arch, num_classes, in_chans
+        self.fc = nn.Linear(4, num_classes)
+
+
+def test_checkpoint_roundtrip_and_checks(tmp_path):
+    src = Tiny()
+    save_checkpoint(tmp_path / "a.pt", src, epoch=3)
+    payload = read_checkpoint(tmp_path / "a.pt")
+    assert payload["epoch"] == 3 and payload["arch"] == "tiny"
+    dst = Tiny()
+    load_into(dst, payload, tmp_path / "a.pt")
+    assert torch.equal(dst.fc.weight, src.fc.weight)
+    with pytest.raises(CheckpointError, match="holds a tiny, but teacher is other"):
+        load_into(Tiny(arch="other"), payload, "a.pt", role="teacher")
+    with pytest.raises(CheckpointError, match="num_classes=3"):
+        load_into(Tiny(num_classes=5), payload, "a.pt")
+
+
+def test_truncated_foreign_and_pickled_checkpoints_are_clear_errors(tmp_path):
+    save_checkpoint(tmp_path / "a.pt", Tiny())
+    data = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(tmp_path / "cut.pt")
+    torch.save(Tiny().state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not a kdrun checkpoint"):
+        read_checkpoint(tmp_path / "plain.pt")
+    torch.save({"format": "kdrun", "state_dict": {}, "obj": Path("x")}, tmp_path / "pickle.pt")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        read_checkpoint(tmp_path / "pickle.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint(tmp_path / "missing.pt")
+
+
+def test_metrics_writer_columns_and_resume(tmp_path):
+    path = tmp_path / "metrics.csv"
+    w = MetricsWriter(path)
+    w.append({"stage": "student", "epoch": 1, "lr": 0.1, "train_loss": 1.0, "loss_ce": 0.1, "loss_kd": 0.9,
+              "train_top1": 50.0, "test_loss": 1.2, "test_top1": 40.0, "test_top5": 90.0,
+              "epoch_seconds": 1.0, "images_per_second": 100.0})
+    w.append({"stage": "student", "epoch": 2, "lr": 0.1, "train_loss": 0.8, "loss_ce": 0.1, "loss_kd": 0.7,
+              "train_top1": 60.0, "test_loss": float("nan"), "test_top1": float("nan"), "test_top5": float("nan"),
+              "epoch_seconds": 1.0, "images_per_second": 100.0})
+    rows = list(csv.DictReader(open(path)))
+    assert list(rows[0]) == ["stage", "epoch", "lr", "train_loss", "loss_ce", "loss_kd", "train_top1", "test_loss",
+                             "test_top1", "test_top5", "epoch_seconds", "images_per_second"]
+    assert rows[1]["test_top1"] == "nan"
+    again = MetricsWriter(path)
+    again.truncate("student", 1)
+    assert [r["epoch"] for r in csv.DictReader(open(path))] == ["1"]
+    assert not list(tmp_path.glob(".metrics.csv.*"))  # no temp files left behind
+
+
+def test_multistep_and_cosine_schedules():
+    ms = LRSchedule(OmegaConf.create({"name": "multistep", "milestones": [2, 4], "gamma": 0.1}), 0.05, 6, 10)
+    assert [round(ms(e, 0), 6) for e in range(6)] == [0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005]
+    cos = LRSchedule(OmegaConf.create({"name": "cosine", "min_lr": 0.0, "warmup_epochs": 1}), 0.1, 5, 4)
+    assert cos(0, 0) == pytest.approx(0.1 * 0.25)  # warm-up, first step
+    assert cos(1, 0) == pytest.approx(0.1)  # end of warm-up: the peak
+    assert cos(3, 0) == pytest.approx(0.05)  # half-way through the decay
+    assert cos(4, 3) < cos(4, 0) < cos(3, 0)
+
+
+def _obtain(root, counter, barrier):
+    store = ModelStore(root)
+    recipe = {"model": "m", "epochs": 3}
+    entry = store.entry("ds", "m", 0, recipe)
+
+    def train(d):
+        with open(counter, "a") as f:
+            f.write("x")
+        time.sleep(0.5)
+        (d / "model.pt").write_bytes(b"weights")
+
+    barrier.wait()
+    store.obtain(entry, recipe, "teacher m", train)
+
+
+def test_store_two_processes_train_once(tmp_path):
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    counter = tmp_path / "count"
+    procs = [ctx.Process(target=_obtain, args=(tmp_path / "store", counter, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert all(p.exitcode == 0 for p in procs)
+    assert counter.read_text() == "x"  # trained once; the other process waited and reused it
+
+
+def test_store_hash_separates_recipes(tmp_path):
+    store = ModelStore(tmp_path)
+    a = store.entry("ds", "resnet56", 0, {"epochs": 3})
+    b = store.entry("ds", "resnet56", 0, {"epochs": 240})
+    assert a != b and a.parent == b.parent == tmp_path / "ds" / "resnet56" / "seed0"
