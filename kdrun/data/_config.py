@@ -47,7 +47,7 @@ def dataset_defaults(name: str) -> dict[str, Any]:
         mean, std = (
             (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
         )
-        return {"root": _default_data_root(), "download": False, **_common(4, True, mean, std)}
+        return {"root": _default_data_root(), "download": True, **_common(4, True, mean, std)}
     if name == "npz":
         return {"path": None, **_common(4, True, None, None)}
     if name == "fashion_mnist":
