@@ -398,7 +398,7 @@ def test_fashion_mnist_missing_names_path_and_install(tmp_path):
 # ----------------------------------------------------------------------------- CIFAR files
 def test_cifar_missing_without_download_names_path(tmp_path):
     with pytest.raises(DataError) as err:
-        build_data({"name": "cifar10", "root": str(tmp_path)}, batch_size=8)
+        build_data({"name": "cifar10", "root": str(tmp_path), "download": False}, batch_size=8)
     message = str(err.value)
     assert str(tmp_path / "cifar-10-batches-py") in message and "dataset.download=true" in message
 
