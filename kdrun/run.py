@@ -75,12 +75,23 @@ def _git_sha() -> str | None:
         return None
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        value = OmegaConf.create({"v": text}).v
-        return to_plain(value)
-    except Exception:
-        return text
+def _override_items(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """(key, typed value) of each command-line override, parsed with Hydra's own grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    items = []
+    for text in overrides:
+        try:
+            ov = parser.parse_override(text)
+        except Exception:
+            continue
+        if ov.is_delete() or ov.key_or_group.startswith("hydra"):
+            continue
+        value = ov.value()
+        items.append((ov.key_or_group, value if isinstance(value, (str, int, float, bool, type(None), list, dict))
+                      else str(value)))
+    return items
 
 
 def initial_summary(cfg: DictConfig, overrides: Iterable[str]) -> dict:
@@ -101,13 +112,9 @@ def initial_summary(cfg: DictConfig, overrides: Iterable[str]) -> dict:
         summary.update({"student_baseline_top1": None, "gain_top1": None})
     summary.update({"wall_seconds": None, "device": None, "amp": None, "git_sha": _git_sha()})
     summary["overrides"] = " ".join(overrides)
-    for ov in overrides:
-        if "=" not in ov or ov.startswith("hydra."):
-            continue
-        key, value = ov.split("=", 1)
-        key = key.lstrip("+~")
+    for key, value in _override_items(overrides):
         if key not in summary:  # group choices (teacher=, loss=...) are there already
-            summary[key] = _parse_value(value)
+            summary[key] = value
     return summary
 
 
@@ -185,6 +192,24 @@ class RunContext:
             resume=bool(self.cfg.trainer.resume),
             label=label,
         )
+
+    def run_init_stages(self, student, teacher, knowledge: KnowledgeSet, node: DictConfig) -> None:
+        """Run the initialisation stage of every term that has one, in selection order.
+
+        Skipped when resuming a run whose main stage has already started (its checkpoint holds
+        the initialised weights).
+        """
+        from kdrun.schemes.stages import InitStage
+
+        if bool(self.cfg.trainer.resume) and (self.run_dir / "checkpoints" / "last.pt").is_file():
+            return
+        for term in knowledge.terms.values():
+            if term.init_epochs > 0:
+                log.info("init stage of %s: %d epochs", term.name, term.init_epochs)
+                self.trainer.fit(
+                    InitStage(student, teacher, term), epochs=int(term.init_epochs), lr=self.lr_for(node),
+                    ckpt_dir=None, metrics=[self.metrics], label=f"init {term.name}",
+                )
 
     def recipe(self, node: DictConfig) -> dict:
         """Everything that determines a baseline-trained model (the store's key)."""

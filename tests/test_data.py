@@ -542,3 +542,14 @@ def test_synthetic_is_learnable_but_not_trivial():
         )
     accuracy = correct / data.info.n_test
     assert 0.2 < accuracy < 0.99, accuracy  # > 2x chance, and not solved outright
+
+
+def test_train_batches_with_index_give_each_sample_position():
+    data = build_data(small_synthetic(), batch_size=32, seed=1)
+    seen = []
+    for x, y, index in data.train_batches(2, with_index=True):
+        assert torch.equal(y, data._y_train[index])
+        seen.append(index)
+    plain = [y for _, y in data.train_batches(2)]
+    assert torch.equal(torch.cat(plain), data._y_train[torch.cat(seen)])
+    assert len(set(torch.cat(seen).tolist())) == torch.cat(seen).numel()  # each sample at most once

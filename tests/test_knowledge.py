@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
-from kdrun.knowledge import KnowledgeSet
+from kdrun.knowledge import KnowledgeSet, Step
 from kdrun.knowledge.features import FitNet
 from kdrun.knowledge.logits import KD, kd_divergence
 
@@ -53,7 +53,7 @@ def test_knowledge_set_hinton_mix():
     s, t = torch.randn(6, 5), torch.randn(6, 5)
     y = torch.randint(0, 5, (6,))
     kset = KnowledgeSet({"kd": KD(alpha=0.7, temperature=2.0)})
-    total, logs = kset({"logits": s}, {"logits": t}, y)
+    total, logs = kset({"logits": s}, {"logits": t}, Step(y))
     ce = F.cross_entropy(s, y)
     expected = 0.3 * ce + 0.7 * kd_divergence(s, t, 2.0)
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -69,7 +69,7 @@ def test_fitnet_value_gradients_and_shapes():
     term.setup({"stage2": (8, 16, 16)}, {"stage2": (32, 8, 8)})
     fs = torch.randn(3, 8, 16, 16, requires_grad=True)
     ft = torch.randn(3, 32, 8, 8, requires_grad=True)
-    value = term({"stage2": fs}, {"stage2": ft.detach()}, None)
+    value = term({"stage2": fs}, {"stage2": ft.detach()}, Step(None))
     # independent: apply the regressor by hand and average the squared error over every element
     reg = term.regressor
     manual = F.relu(reg.bn(reg.conv(F.adaptive_avg_pool2d(fs, (8, 8)))))
@@ -80,7 +80,7 @@ def test_fitnet_value_gradients_and_shapes():
     assert ft.grad is None
     # a smaller student map is upsampled to the teacher's size
     term.setup({"stage2": (8, 4, 4)}, {"stage2": (16, 8, 8)})
-    out = term({"stage2": torch.randn(2, 8, 4, 4)}, {"stage2": torch.randn(2, 16, 8, 8)}, None)
+    out = term({"stage2": torch.randn(2, 8, 4, 4)}, {"stage2": torch.randn(2, 16, 8, 8)}, Step(None))
     assert torch.isfinite(out)
 
 
@@ -89,7 +89,7 @@ def test_fitnet_zero_when_regressed_hint_equals_teacher():
     term.setup({"stage2": (4, 4, 4)}, {"stage2": (4, 4, 4)})
     fs = torch.randn(2, 4, 4, 4)
     target = term.regressor(fs).detach()
-    assert term({"stage2": fs}, {"stage2": target}, None).item() == pytest.approx(0.0, abs=1e-7)
+    assert term({"stage2": fs}, {"stage2": target}, Step(None)).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_knowledge_set_reports_missing_taps():

@@ -145,11 +145,11 @@ class ImageFolderDataModule(DataModule):
             **batching,
         )
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, with_index: bool = False) -> Iterator[Batch]:
         plan = self._plan(epoch)
-        return self._train_iter(plan)
+        return self._train_iter(plan, with_index)
 
-    def _train_iter(self, plan) -> Iterator[Batch]:
+    def _train_iter(self, plan, with_index: bool) -> Iterator[Batch]:
         order = plan.order.tolist()
         batches = [order[start:stop] for start, stop in plan.bounds]
         device = self.device
@@ -164,7 +164,8 @@ class ImageFolderDataModule(DataModule):
                 store, index, dy[start:stop], dx[start:stop], flip[start:stop]
             )
             x = self._augment.batch(store, placement, 0, stop - start, n_flip, self.channels_last)
-            yield x, labels.to(device, non_blocking=True)
+            y = labels.to(device, non_blocking=True)
+            yield (x, y, plan.order[start:stop].to(device)) if with_index else (x, y)
 
     def eval_batches(self) -> Iterator[Batch]:
         loader = self._loader(self._test_set, batch_size=self.eval_batch_size)

@@ -92,8 +92,13 @@ class DataModule(abc.ABC):
         )
 
     @abc.abstractmethod
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
-        """Augmented training batches of ``epoch`` (a fresh permutation each epoch)."""
+    def train_batches(self, epoch: int, with_index: bool = False) -> Iterator[Batch]:
+        """Augmented training batches of ``epoch`` (a fresh permutation each epoch).
+
+        With ``with_index=True`` each item is ``(x, y, index)``: ``index`` (int64, on the device)
+        holds the training-set positions of the batch's samples, for methods that keep
+        per-sample state (CRD's memory bank, a teacher-output cache).
+        """
 
     @abc.abstractmethod
     def eval_batches(self) -> Iterator[Batch]:
@@ -147,11 +152,11 @@ class InMemoryDataModule(DataModule):
         """The test split as a uint8 ``(N, C, H, W)`` view (channels_last strides)."""
         return self._test.permute(0, 3, 1, 2)
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
+    def train_batches(self, epoch: int, with_index: bool = False) -> Iterator[Batch]:
         plan = self._plan(epoch)  # checks epoch now, not at the first next()
-        return self._train_iter(plan)
+        return self._train_iter(plan, with_index)
 
-    def _train_iter(self, plan) -> Iterator[Batch]:
+    def _train_iter(self, plan, with_index: bool) -> Iterator[Batch]:
         device = self.device
         order = plan.order.to(device)
         placement = self._augment.place(
@@ -160,7 +165,7 @@ class InMemoryDataModule(DataModule):
         labels = self._y_train[order]
         for (start, stop), n_flip in zip(plan.bounds, plan.n_flip, strict=True):
             x = self._augment.batch(self._train, placement, start, stop, n_flip, self.channels_last)
-            yield x, labels[start:stop]
+            yield (x, labels[start:stop], order[start:stop]) if with_index else (x, labels[start:stop])
 
     def eval_batches(self) -> Iterator[Batch]:
         for start in range(0, self.info.n_test, self.eval_batch_size):

@@ -1,4 +1,4 @@
-"""The training loop: a stage asks for nothing but ``training_step(x, y, progress)``.
+"""The training loop: a stage asks for nothing but ``training_step(x, step)``.
 
 Per step: autocast forward (bf16/fp16, KD math in fp32 inside the terms), backward (grad scaler for
 fp16), optimizer step, with running sums kept on the device (no host sync inside the step except
@@ -25,6 +25,7 @@ from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.progress import EpochProgress
 from kdrun.engine.schedule import LRSchedule, build_optimizer
 from kdrun.errors import KdrunError
+from kdrun.knowledge.base import Step
 
 log = logging.getLogger("kdrun")
 
@@ -37,7 +38,7 @@ class Stage(Protocol):
 
     def parameters_to_train(self) -> list[nn.Parameter]: ...
     def train(self) -> None: ...
-    def training_step(self, x: torch.Tensor, y: torch.Tensor, progress: float): ...
+    def training_step(self, x: torch.Tensor, step: Step): ...
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
 
@@ -154,14 +155,16 @@ class Trainer:
                 term_sums: dict[str, torch.Tensor] = {}
                 seen = 0
                 lr_now = lr
-                for i, (x, y) in enumerate(self.data.train_batches(epoch)):
+                for i, (x, y, index) in enumerate(self.data.train_batches(epoch, with_index=True)):
                     if i >= steps:
                         break
                     lr_now = schedule(epoch, i)
                     for group in optimizer.param_groups:
                         group["lr"] = lr_now
                     with self.autocast():
-                        loss, logits, logs = stage.training_step(x, y, (epoch + i / steps) / max(epochs, 1))
+                        loss, logits, logs = stage.training_step(
+                            x, Step(targets=y, index=index, epoch=epoch + i / steps, epochs=epochs)
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
                         scaler.scale(loss).backward()

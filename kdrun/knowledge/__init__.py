@@ -1,8 +1,8 @@
 """Knowledge terms (one small class each) and the set that combines them."""
 
-from kdrun.knowledge.base import KnowledgeSet, KnowledgeTerm
+from kdrun.knowledge.base import KnowledgeSet, KnowledgeTerm, Step
 
-__all__ = ["KnowledgeSet", "KnowledgeTerm", "build_knowledge"]
+__all__ = ["KnowledgeSet", "KnowledgeTerm", "Step", "build_knowledge"]
 
 
 def build_knowledge(loss_cfg) -> KnowledgeSet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -13,8 +14,18 @@ from kdrun.errors import ConfigError
 Taps = Mapping[str, torch.Tensor]
 
 
+@dataclass
+class Step:
+    """What a training step knows besides the images: labels, sample positions, progress."""
+
+    targets: torch.Tensor
+    index: torch.Tensor | None = None  # training-set positions of the batch's samples
+    epoch: float = 0.0  # fractional epoch: 2.5 is half-way through the third epoch
+    epochs: int = 1  # length of the schedule in epochs
+
+
 class KnowledgeTerm(nn.Module):
-    """One distillation term: ``forward(student_taps, teacher_taps, targets) -> scalar`` (unweighted).
+    """One distillation term: ``forward(student_taps, teacher_taps, step) -> scalar`` (unweighted).
 
     Subclasses set ``name`` and the taps they read on each side (``student_taps``/``teacher_taps``;
     "logits", "embedding", "stage1".., "stage2_preact"...). A term that needs adapters (regressors,
@@ -23,6 +34,8 @@ class KnowledgeTerm(nn.Module):
     """
 
     name: str = "term"
+    #: epochs of this term's initialisation stage (AB, FT, FSP...); 0: none
+    init_epochs: int = 0
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
@@ -30,6 +43,18 @@ class KnowledgeTerm(nn.Module):
         if weight < 0:
             raise ConfigError(f"loss.{self.name}.weight={weight} must be >= 0")
         self.weight = weight
+
+    def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
+        """What the initialisation stage trains. Default: the term's own adapters and every
+        student parameter but the classifier's (the student's feature layers)."""
+        classifier = getattr(student, "classifier", None)
+        skip = {id(p) for p in classifier.parameters()} if classifier is not None else set()
+        own = [p for p in self.parameters() if p.requires_grad]
+        return own + [p for p in student.parameters() if p.requires_grad and id(p) not in skip]
+
+    def init_loss(self, s: Taps, t: Taps, step: "Step") -> torch.Tensor:
+        """The loss of the initialisation stage. Default: the term itself."""
+        return self(s, t, step)
 
     def student_taps(self) -> set[str]:
         return {"logits"}
@@ -40,7 +65,7 @@ class KnowledgeTerm(nn.Module):
     def setup(self, student_shapes: Mapping[str, tuple], teacher_shapes: Mapping[str, tuple]) -> None:
         """Build adapters from tap shapes (without batch dim). Default: nothing to build."""
 
-    def forward(self, s: Taps, t: Taps, targets: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
+    def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -82,12 +107,12 @@ class KnowledgeSet(nn.Module):
             check_taps(term, "teacher", term.teacher_taps(), teacher_shapes)
             term.setup(student_shapes, teacher_shapes)
 
-    def forward(self, s: Taps, t: Taps, targets: torch.Tensor, progress: float = 0.0):
-        ce = F.cross_entropy(s["logits"].float(), targets)
+    def forward(self, s: Taps, t: Taps, step: Step):
+        ce = F.cross_entropy(s["logits"].float(), step.targets)
         total = self.ce_weight * ce
         logs = {"loss_ce": (self.ce_weight * ce).detach()}
         for name, term in self.terms.items():
-            value = term.weight * term(s, t, targets, progress)
+            value = term.weight * term(s, t, step)
             total = total + value
             logs[f"loss_{name}"] = value.detach()
         return total, logs

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.knowledge.adapters import ConvRegressor
-from kdrun.knowledge.base import KnowledgeTerm, Taps
+from kdrun.knowledge.base import KnowledgeTerm, Step, Taps
 
 
 class FitNet(KnowledgeTerm):
@@ -28,6 +28,6 @@ class FitNet(KnowledgeTerm):
     def setup(self, student_shapes, teacher_shapes) -> None:
         self.regressor = ConvRegressor(student_shapes[self.s_tap], teacher_shapes[self.t_tap])
 
-    def forward(self, s: Taps, t: Taps, targets: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
+    def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         hint = self.regressor(s[self.s_tap])
         return F.mse_loss(hint.float(), t[self.t_tap].float())

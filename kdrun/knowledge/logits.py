@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
-from kdrun.knowledge.base import KnowledgeTerm, Taps
+from kdrun.knowledge.base import KnowledgeTerm, Step, Taps
 
 
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -32,5 +32,5 @@ class KD(KnowledgeTerm):
         super().__init__(weight=alpha)
         self.temperature = temperature
 
-    def forward(self, s: Taps, t: Taps, targets: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
+    def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         return kd_divergence(s["logits"], t["logits"], self.temperature)

@@ -6,7 +6,7 @@ import logging
 
 from kdrun.models import tap_shapes
 from kdrun.schemes.base import Scheme
-from kdrun.schemes.stages import DistillStage, SupervisedStage
+from kdrun.schemes.stages import DistillStage, InitStage, SupervisedStage
 
 log = logging.getLogger("kdrun")
 
@@ -37,6 +37,7 @@ class Offline(Scheme):
             tap_shapes(teacher, info.in_chans, info.image_size),
         )
         ctx.knowledge.to(ctx.device)
+        ctx.run_init_stages(student, teacher, ctx.knowledge, cfg.student)
         fit = ctx.fit(DistillStage(student, teacher, ctx.knowledge, "student"), cfg.student)
         out.update(fit.as_summary("student"))
         out.update(ctx.model_stats(student, "student"))

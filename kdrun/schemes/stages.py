@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdrun.knowledge import KnowledgeSet
+from kdrun.knowledge import KnowledgeSet, KnowledgeTerm, Step
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -43,9 +43,9 @@ class SupervisedStage:
     def train(self) -> None:
         self.model.train()
 
-    def training_step(self, x, y, progress: float):
+    def training_step(self, x: torch.Tensor, step: Step):
         logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(logits.float(), step.targets)
         return loss, logits, {"loss_ce": loss.detach()}
 
     def extra_state(self) -> dict:
@@ -77,10 +77,10 @@ class DistillStage(SupervisedStage):
         with torch.no_grad():
             return tapped_forward(self.teacher, x, self.t_taps)
 
-    def training_step(self, x, y, progress: float):
+    def training_step(self, x: torch.Tensor, step: Step):
         t_out = self.teacher_forward(x)
         s_out = tapped_forward(self.model, x, self.s_taps)
-        loss, logs = self.knowledge(s_out, t_out, y, progress)
+        loss, logs = self.knowledge(s_out, t_out, step)
         return loss, s_out["logits"], logs
 
     def extra_state(self) -> dict:
@@ -89,3 +89,32 @@ class DistillStage(SupervisedStage):
     def load_extra_state(self, state: dict) -> None:
         if "knowledge" in state:
             self.knowledge.load_state_dict(state["knowledge"])
+
+
+class InitStage(SupervisedStage):
+    """A term's initialisation stage (AB connectors, FT paraphraser, FSP...) before the main stage.
+
+    Trains ``term.init_parameters(student)`` with ``term.init_loss`` alone (no label loss).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, term: KnowledgeTerm) -> None:
+        super().__init__(student, f"init_{term.name}")
+        self.teacher = freeze(teacher)
+        self.term = term
+        self.s_taps = term.student_taps() | {"logits"}
+        self.t_taps = term.teacher_taps() | {"logits"}
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        return self.term.init_parameters(self.model)
+
+    def train(self) -> None:
+        self.model.train()
+        self.term.train()
+        self.teacher.eval()
+
+    def training_step(self, x: torch.Tensor, step: Step):
+        with torch.no_grad():
+            t_out = tapped_forward(self.teacher, x, self.t_taps)
+        s_out = tapped_forward(self.model, x, self.s_taps)
+        loss = self.term.init_loss(s_out, t_out, step)
+        return loss, s_out["logits"], {f"loss_{self.term.name}_init": loss.detach()}
