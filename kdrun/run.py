@@ -30,7 +30,7 @@ from kdrun.engine.store import MODEL_FILE, ModelStore
 from kdrun.engine.trainer import FitResult, Trainer
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.knowledge import KnowledgeSet, build_knowledge
-from kdrun.models import count_macs, count_params, create_model
+from kdrun.models import count_macs, count_params, create_model, tap_shapes
 
 log = logging.getLogger("kdrun")
 
@@ -192,6 +192,18 @@ class RunContext:
             resume=bool(self.cfg.trainer.resume),
             label=label,
         )
+
+    def shapes(self, model) -> dict:
+        """Every tap's shape (preact taps too where the model has them), from a dry run."""
+        info = self.data.info
+        return tap_shapes(model, info.in_chans, info.image_size, preact=bool(getattr(model, "supports_preact", False)))
+
+    def setup_knowledge(self, knowledge: KnowledgeSet, student, teacher) -> None:
+        """Build the terms' adapters from the probed shapes and move them to the device."""
+        knowledge.setup(self.shapes(student), self.shapes(teacher), self.data.info)
+        knowledge.to(self.device)
+        if bool(self.cfg.trainer.channels_last):
+            knowledge.to(memory_format=torch.channels_last)
 
     def run_init_stages(self, student, teacher, knowledge: KnowledgeSet, node: DictConfig) -> None:
         """Run the initialisation stage of every term that has one, in selection order.

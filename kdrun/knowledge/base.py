@@ -62,8 +62,9 @@ class KnowledgeTerm(nn.Module):
     def teacher_taps(self) -> set[str]:
         return {"logits"}
 
-    def setup(self, student_shapes: Mapping[str, tuple], teacher_shapes: Mapping[str, tuple]) -> None:
-        """Build adapters from tap shapes (without batch dim). Default: nothing to build."""
+    def setup(self, student_shapes: Mapping[str, tuple], teacher_shapes: Mapping[str, tuple], info=None) -> None:
+        """Build adapters from tap shapes (without batch dim). ``info``: the dataset's DataInfo
+        (n_train, num_classes...) for terms that keep per-sample state. Default: nothing to build."""
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         raise NotImplementedError
@@ -101,11 +102,11 @@ class KnowledgeSet(nn.Module):
     def needs_teacher(self) -> bool:
         return len(self.terms) > 0
 
-    def setup(self, student_shapes: Mapping[str, tuple], teacher_shapes: Mapping[str, tuple]) -> None:
+    def setup(self, student_shapes: Mapping[str, tuple], teacher_shapes: Mapping[str, tuple], info=None) -> None:
         for term in self.terms.values():
             check_taps(term, "student", term.student_taps(), student_shapes)
             check_taps(term, "teacher", term.teacher_taps(), teacher_shapes)
-            term.setup(student_shapes, teacher_shapes)
+            term.setup(student_shapes, teacher_shapes, info)
 
     def forward(self, s: Taps, t: Taps, step: Step):
         ce = F.cross_entropy(s["logits"].float(), step.targets)

@@ -25,7 +25,7 @@ class FitNet(KnowledgeTerm):
     def teacher_taps(self) -> set[str]:
         return {self.t_tap}
 
-    def setup(self, student_shapes, teacher_shapes) -> None:
+    def setup(self, student_shapes, teacher_shapes, info=None) -> None:
         self.regressor = ConvRegressor(student_shapes[self.s_tap], teacher_shapes[self.t_tap])
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:

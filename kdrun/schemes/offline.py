@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from kdrun.models import tap_shapes
 from kdrun.schemes.base import Scheme
 from kdrun.schemes.stages import DistillStage, InitStage, SupervisedStage
 
@@ -31,12 +30,7 @@ class Offline(Scheme):
         out.update(ctx.model_stats(teacher, "teacher"))
 
         student = ctx.build_model(cfg.student)
-        info = ctx.data.info
-        ctx.knowledge.setup(
-            tap_shapes(student, info.in_chans, info.image_size),
-            tap_shapes(teacher, info.in_chans, info.image_size),
-        )
-        ctx.knowledge.to(ctx.device)
+        ctx.setup_knowledge(ctx.knowledge, student, teacher)
         ctx.run_init_stages(student, teacher, ctx.knowledge, cfg.student)
         fit = ctx.fit(DistillStage(student, teacher, ctx.knowledge, "student"), cfg.student)
         out.update(fit.as_summary("student"))
