@@ -22,6 +22,7 @@ class Step:
     index: torch.Tensor | None = None  # training-set positions of the batch's samples
     epoch: float = 0.0  # fractional epoch: 2.5 is half-way through the third epoch
     epochs: int = 1  # length of the schedule in epochs
+    batch: int = 0  # position of the batch within its epoch
 
 
 class KnowledgeTerm(nn.Module):
@@ -36,6 +37,8 @@ class KnowledgeTerm(nn.Module):
     name: str = "term"
     #: epochs of this term's initialisation stage (AB, FT, FSP...); 0: none
     init_epochs: int = 0
+    #: learning rate of the initialisation stage; None: the student's
+    init_lr: float | None = None
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
@@ -87,11 +90,12 @@ class KnowledgeSet(nn.Module):
     term's weighted contribution to the total (detached).
     """
 
-    def __init__(self, terms: Mapping[str, KnowledgeTerm]) -> None:
+    def __init__(self, terms: Mapping[str, KnowledgeTerm], ce: bool = True) -> None:
+        """``ce=False``: no label cross-entropy (a set that adds terms to another set's loss)."""
         super().__init__()
         self.terms = nn.ModuleDict(dict(terms))
         kd = self.terms["kd"] if "kd" in self.terms else None
-        self.ce_weight = 1.0 - kd.weight if kd is not None else 1.0
+        self.ce_weight = (1.0 - kd.weight if kd is not None else 1.0) if ce else 0.0
 
     def student_taps(self) -> set[str]:
         return set().union({"logits"}, *(t.student_taps() for t in self.terms.values()))
@@ -109,10 +113,15 @@ class KnowledgeSet(nn.Module):
             term.setup(student_shapes, teacher_shapes, info)
 
     def forward(self, s: Taps, t: Taps, step: Step):
-        ce = F.cross_entropy(s["logits"].float(), step.targets)
-        total = self.ce_weight * ce
-        logs = {"loss_ce": (self.ce_weight * ce).detach()}
+        if self.ce_weight:
+            ce = self.ce_weight * F.cross_entropy(s["logits"].float(), step.targets)
+            total, logs = ce, {"loss_ce": ce.detach()}
+        else:
+            total, logs = s["logits"].new_zeros((), dtype=torch.float32), {}
         for name, term in self.terms.items():
+            if term.weight == 0:  # e.g. AB and FSP after their init stage: not computed, logged as 0
+                logs[f"loss_{name}"] = torch.zeros((), device=total.device)
+                continue
             value = term.weight * term(s, t, step)
             total = total + value
             logs[f"loss_{name}"] = value.detach()
