@@ -45,7 +45,7 @@ def test_unknown_names_are_one_line_with_the_choices():
         check_overrides(["loss=kd+nosuch"])
     with pytest.raises(ConfigError, match="unknown dataset 'imagenet'"):
         check_overrides(["dataset=imagenet"])
-    with pytest.raises(ConfigError, match="only loss options combine"):
+    with pytest.raises(ConfigError, match="only loss, teacher options combine with"):
         check_overrides(["student=resnet20+resnet8"])
     with pytest.raises(ConfigError, match="unknown loss term 'bogus'"):
         check_overrides(["-m", "loss=kd,kd+bogus"])
@@ -76,3 +76,16 @@ def test_run_name_resolver():
 
     assert _run_name(_root_=cfg) == "offline_resnet56-resnet20_kd+fitnet_synthetic"
     assert _run_name(_root_=compose(["scheme=baseline", "dataset=synthetic"])) == "baseline_resnet20_synthetic"
+
+
+def test_several_teachers_and_model_lists():
+    cfg = compose(["scheme=multi_teacher", "teacher=resnet56+wrn_40_2"])
+    assert cfg.teacher.name == "resnet56+wrn_40_2"
+    assert compose(["scheme=multi_teacher", "teacher=[resnet56,vgg13]"]).teacher.name == "resnet56+vgg13"
+    with pytest.raises(ConfigError, match="unknown teacher 'nosuch'"):
+        check_overrides(["teacher=resnet56+nosuch"])
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet99' in ta=\[resnet56,resnet99\]"):
+        check_overrides(["ta=[resnet56,resnet99]"])
+    with pytest.raises(ConfigError, match="unknown model 'foo' in peers=resnet20\\+foo"):
+        check_overrides(["peers=resnet20+foo"])
+    assert list(compose(["scheme=mutual", "peers=[resnet20,resnet8]"]).peers) == ["resnet20", "resnet8"]

@@ -18,15 +18,17 @@ from kdrun.errors import ConfigError, choices_text
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
-#: groups whose option may be a `+`-joined combination (multi-select)
-COMBO_GROUPS = ("loss",)
-#: groups whose options name models
-MODEL_GROUPS = ("teacher", "student")
+#: groups whose option may be a `+`-joined combination: loss terms (merged), teachers (a list)
+COMBO_GROUPS = ("loss", "teacher")
+#: plain keys that hold a list of model names: `ta=[a,b]` or `ta=a+b`
+MODEL_LIST_KEYS = ("ta", "peers")
 
 
 def group_options(group: str) -> list[str]:
-    """Every option of a config group: the YAML files of conf/<group>/ and registered combos."""
-    opts = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    """Every option of a config group: the YAML files of conf/<group>/ (those in subfolders as
+    `sub/name`, e.g. experiment=cifar100/r56_r20) and registered combos."""
+    root = CONF_DIR / group
+    opts = {p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")}
     repo = ConfigStore.instance().repo
     node = repo.get(group) if isinstance(repo, dict) else None
     if isinstance(node, dict):
@@ -49,10 +51,46 @@ def _split_sweep(value: str) -> list[str]:
 
 
 def register_combo(group: str, value: str) -> None:
-    """Register `group/a+b` as a config whose defaults list is [a, b] (Hydra's multi-select)."""
+    """Register `group/a+b`.
+
+    loss: a config whose defaults list is [a, b] (Hydra's multi-select: one key per term).
+    teacher: one node named `a+b` (the multi-teacher scheme reads each member's own config).
+    """
     parts = value.split("+")
     cs = ConfigStore.instance()
-    cs.store(group=group, name=value, node={"defaults": parts})
+    if group == "loss":
+        cs.store(group=group, name=value, node={"defaults": parts})
+    else:
+        cs.store(group=group, name=value, node={"name": value, "lr": None, "checkpoint": None, "epochs": None})
+
+
+def split_models(value) -> list[str]:
+    """`a+b`, `[a, b]` (a list) or `a` as a list of model names; None as []."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [str(v) for v in value]
+    return [v for v in str(value).split("+") if v]
+
+
+def model_node(name: str) -> DictConfig:
+    """The config of one model by name, as the teacher group has it (conf/teacher/<name>.yaml)."""
+    path = CONF_DIR / "teacher" / f"{name}.yaml"
+    if name == "timm" or not path.is_file():
+        valid = [o for o in group_options("teacher") if o != "timm" and "+" not in o]
+        raise ConfigError(f"unknown model '{name}'; valid: {choices_text(valid)}")
+    return OmegaConf.load(path)
+
+
+def normalize_argv(argv: Iterable[str]) -> list[str]:
+    """Rewrite list choices of combo groups to the `+` form Hydra can select: teacher=[a,b] -> a+b."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "teacher" and value.strip().startswith("["):
+            arg = f"{key}={'+'.join(_split_sweep(value))}"
+        out.append(arg)
+    return out
 
 
 def check_overrides(overrides: Iterable[str]) -> None:
@@ -66,6 +104,12 @@ def check_overrides(overrides: Iterable[str]) -> None:
             continue
         key, value = ov.split("=", 1)
         key = key.lstrip("+~")
+        if key in MODEL_LIST_KEYS and "${" not in value and value.strip() not in ("null", ""):
+            valid = [o for o in group_options("teacher") if o != "timm" and "+" not in o]
+            for part in _split_sweep(value.replace("+", ",")):
+                if part not in valid:
+                    raise ConfigError(f"unknown model '{part}' in {key}={value}; valid: {choices_text(valid)}")
+            continue
         if key not in groups or "${" in value:
             continue
         valid = group_options(key)
@@ -80,7 +124,7 @@ def check_overrides(overrides: Iterable[str]) -> None:
             parts = v.split("+") if key in COMBO_GROUPS else [v]
             for part in parts:
                 if part not in valid:
-                    what = f"{key} term" if len(parts) > 1 else key
+                    what = "loss term" if key == "loss" and len(parts) > 1 else key
                     where = f" in '{v}'" if len(parts) > 1 else ""
                     raise ConfigError(f"unknown {what} '{part}'{where}; valid: {choices_text(valid)}")
             if len(parts) > 1:
@@ -92,14 +136,22 @@ def check_overrides(overrides: Iterable[str]) -> None:
 
 
 def _run_name(*, _root_: DictConfig) -> str:
-    """`<scheme>_<teacher>-<student>_<loss>_<dataset>` (teacher and loss left out where unused)."""
+    """`<scheme>_<who teaches whom>_<loss>_<dataset>`, e.g. offline_resnet56-resnet20_kd+fitnet_cifar100."""
     scheme = str(_root_.scheme.name)
     student = str(_root_.student.name)
     loss = loss_name(_root_.loss)
     data = str(_root_.dataset.name)
     if scheme == "baseline":
         return f"{scheme}_{student}_{data}"
-    return f"{scheme}_{_root_.teacher.name}-{student}_{loss}_{data}"
+    if scheme == "ta_chain":
+        models = "-".join([str(_root_.teacher.name), *split_models(_root_.get("ta")), student])
+    elif scheme == "mutual":
+        models = "+".join(split_models(_root_.get("peers"))) or "peers"
+    elif scheme in ("born_again", "byot"):
+        models = student
+    else:
+        models = f"{_root_.teacher.name}-{student}"
+    return f"{scheme}_{models}_{loss}_{data}"
 
 
 def loss_name(loss: Any) -> str:
@@ -119,7 +171,7 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train") -> DictCo
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = list(overrides)
+    overrides = normalize_argv(overrides)
     register_resolvers()
     check_overrides(overrides)
     if GlobalHydra.instance().is_initialized():

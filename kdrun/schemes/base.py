@@ -17,8 +17,8 @@ class Scheme:
         if name:
             self.name = name
 
-    def needs_teacher(self, ctx: "RunContext") -> bool:
-        return False
+    def validate(self, cfg) -> None:
+        """Reject a configuration this scheme cannot run, before anything trains."""
 
     def run(self, ctx: "RunContext") -> dict:
         raise NotImplementedError

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from kdrun.errors import ConfigError
 from kdrun.schemes.base import Scheme
-from kdrun.schemes.stages import DistillStage, InitStage, SupervisedStage
+from kdrun.schemes.stages import SupervisedStage
 
 log = logging.getLogger("kdrun")
 
@@ -13,8 +14,9 @@ log = logging.getLogger("kdrun")
 class Offline(Scheme):
     name = "offline"
 
-    def needs_teacher(self, ctx) -> bool:
-        return ctx.knowledge.needs_teacher()
+    def validate(self, cfg) -> None:
+        if "+" in str(cfg.teacher.name):
+            raise ConfigError(f"teacher={cfg.teacher.name} names several teachers; use scheme=multi_teacher")
 
     def run(self, ctx) -> dict:
         cfg = ctx.cfg
@@ -30,9 +32,8 @@ class Offline(Scheme):
         out.update(ctx.model_stats(teacher, "teacher"))
 
         student = ctx.build_model(cfg.student)
-        ctx.setup_knowledge(ctx.knowledge, student, teacher)
-        ctx.run_init_stages(student, teacher, ctx.knowledge, cfg.student)
-        fit = ctx.fit(DistillStage(student, teacher, ctx.knowledge, "student"), cfg.student)
+        fit = ctx.distill(student, teacher, cfg.student,
+                          cache=lambda taps: ctx.teacher_cache(cfg.teacher, "teacher", taps))
         out.update(fit.as_summary("student"))
         out.update(ctx.model_stats(student, "student"))
         return out

@@ -58,12 +58,15 @@ class SupervisedStage:
 class DistillStage(SupervisedStage):
     """A student taught by a frozen teacher through a knowledge set (whose adapters train too)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, knowledge: KnowledgeSet, name: str = "student") -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, knowledge: KnowledgeSet, name: str = "student",
+                 cache=None) -> None:
+        """``cache``: a TeacherCache; the teacher forward is skipped for batches it already holds."""
         super().__init__(student, name)
         self.teacher = freeze(teacher)
         self.knowledge = knowledge
         self.s_taps = knowledge.student_taps()
         self.t_taps = knowledge.teacher_taps() | {"logits"}
+        self.cache = cache
 
     def parameters_to_train(self) -> list[nn.Parameter]:
         return super().parameters_to_train() + [p for p in self.knowledge.parameters() if p.requires_grad]
@@ -73,12 +76,24 @@ class DistillStage(SupervisedStage):
         self.knowledge.train()
         self.teacher.eval()
 
-    def teacher_forward(self, x: torch.Tensor) -> dict:
+    def teacher_forward(self, x: torch.Tensor, step: Step | None = None) -> dict:
+        epoch = int(step.epoch) if step is not None else None
+        if self.cache is not None and step is not None:
+            hit = self.cache.lookup(epoch, step.batch)
+            if hit is not None:
+                return hit
         with torch.no_grad():
-            return tapped_forward(self.teacher, x, self.t_taps)
+            out = tapped_forward(self.teacher, x, self.t_taps)
+        if self.cache is not None and step is not None:
+            self.cache.store(epoch, step.batch, {k: v for k, v in out.items() if k in self.t_taps})
+        return out
+
+    def end_epoch(self, epoch: int) -> None:
+        if self.cache is not None:
+            self.cache.end_epoch(epoch)
 
     def training_step(self, x: torch.Tensor, step: Step):
-        t_out = self.teacher_forward(x)
+        t_out = self.teacher_forward(x, step)
         s_out = tapped_forward(self.model, x, self.s_taps)
         loss, logs = self.knowledge(s_out, t_out, step)
         return loss, s_out["logits"], logs
@@ -94,8 +109,12 @@ class DistillStage(SupervisedStage):
 class InitStage(SupervisedStage):
     """A term's initialisation stage (AB connectors, FT paraphraser, FSP...) before the main stage.
 
-    Trains ``term.init_parameters(student)`` with ``term.init_loss`` alone (no label loss).
+    Trains ``term.init_parameters(student)`` with ``term.init_loss`` alone (no label loss). When
+    that trains none of the student's parameters (FT's paraphraser) the student stays in eval mode,
+    so its BatchNorm statistics do not drift. The student is scored after the last init epoch only.
     """
+
+    eval_each_epoch = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module, term: KnowledgeTerm) -> None:
         super().__init__(student, f"init_{term.name}")
@@ -103,12 +122,14 @@ class InitStage(SupervisedStage):
         self.term = term
         self.s_taps = term.student_taps() | {"logits"}
         self.t_taps = term.teacher_taps() | {"logits"}
+        own = {id(p) for p in student.parameters()}
+        self.trains_student = any(id(p) in own for p in term.init_parameters(student))
 
     def parameters_to_train(self) -> list[nn.Parameter]:
         return self.term.init_parameters(self.model)
 
     def train(self) -> None:
-        self.model.train()
+        self.model.train(self.trains_student)
         self.term.train()
         self.teacher.eval()
 
@@ -118,3 +139,28 @@ class InitStage(SupervisedStage):
         s_out = tapped_forward(self.model, x, self.s_taps)
         loss = self.term.init_loss(s_out, t_out, step)
         return loss, s_out["logits"], {f"loss_{self.term.name}_init": loss.detach()}
+
+
+def detached(taps: dict) -> dict:
+    return {k: v.detach() for k, v in taps.items()}
+
+
+def log_mean_softmax(logits: list[torch.Tensor]) -> torch.Tensor:
+    """log of the averaged class probabilities: the ensemble's output (a valid log-probability)."""
+    logp = torch.stack([F.log_softmax(z.float(), dim=1) for z in logits])
+    return torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(len(logits)), device=logp.device))
+
+
+class EnsembleEval(nn.Module):
+    """Scores several models at once: forward returns ``{name: logits, ..., "ensemble": log p}``."""
+
+    def __init__(self, models: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.names = list(models)
+        self.members = nn.ModuleList(models.values())
+        self.eval()  # scores trained models; scoring leaves them in eval mode
+
+    def forward(self, x: torch.Tensor) -> dict:
+        out = {name: m(x) for name, m in zip(self.names, self.members)}
+        out["ensemble"] = log_mean_softmax(list(out.values()))
+        return out

@@ -1,0 +1,51 @@
+"""Teacher-assistant chain (Mirzadeh et al., AAAI 2020): teacher -> TA1 -> ... -> TAn -> student.
+
+Each assistant is distilled from the model before it with the selected terms (cfg.loss) and the
+student's recipe, then stored and reused like a teacher (its store key covers the chain above it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kdrun.config import model_node, split_models
+from kdrun.errors import ConfigError
+from kdrun.schemes.base import Scheme
+
+log = logging.getLogger("kdrun")
+
+
+class TAChain(Scheme):
+    name = "ta_chain"
+
+    def validate(self, cfg) -> None:
+        if not split_models(cfg.get("ta")):
+            raise ConfigError("scheme=ta_chain needs teacher assistants: ta=[resnet56,resnet32] or ta=resnet56+resnet32")
+        if not cfg.loss:
+            raise ConfigError("scheme=ta_chain distils every link: choose knowledge terms, e.g. loss=kd")
+
+    def run(self, ctx) -> dict:
+        cfg = ctx.cfg
+        self.validate(cfg)
+        out: dict = {}
+        teacher = ctx.obtain_model(cfg.teacher, role="teacher")
+        out.update(ctx.evaluate_summary(teacher, "teacher"))
+        out.update(ctx.model_stats(teacher, "teacher"))
+        prev, prev_role = teacher, "teacher"
+        chain = [str(cfg.teacher.name)]
+        for k, name in enumerate(split_models(cfg.ta), start=1):
+            role = f"ta{k}"
+            ta = ctx.obtain_model(model_node(name), role=role, teacher=prev, teacher_role=prev_role)
+            out[role] = name
+            out.update(ctx.evaluate_summary(ta, role))
+            out[f"{role}_params"] = ctx.model_stats(ta, role)[f"{role}_params"]
+            prev, prev_role = ta, role
+            chain.append(name)
+        chain.append(str(cfg.student.name))
+        out["chain"] = " -> ".join(chain)
+        log.info("chain: %s", out["chain"])
+        student = ctx.build_model(cfg.student)
+        fit = ctx.distill(student, prev, cfg.student)
+        out.update(fit.as_summary("student"))
+        out.update(ctx.model_stats(student, "student"))
+        return out
