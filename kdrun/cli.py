@@ -3,18 +3,46 @@
 Before Hydra composes, group choices on the command line are checked (an unknown name is one line
 listing the valid ones) and `loss=a+b` combinations are registered as configs whose defaults list
 is [a, b], so they work unquoted in single runs and multirun sweeps alike.
+
+In a multirun (`kdrun -m`) each job refreshes the sweep table `<sweep dir>/results.csv` when it
+ends, ok or failed, so the table is current under any launcher (the task function is what every
+launcher runs: in this process, in joblib workers, on SLURM nodes). A failed job does not stop the
+sweep; after Hydra returns, `kdrun -m` exits 1 when any of its jobs did not end ok.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
+import shutil
 import sys
+import tempfile
 
 import hydra
 from omegaconf import DictConfig
 
-from kdrun.config import CONF_DIR, check_overrides, register_resolvers
-from kdrun.errors import KdrunError
+from kdrun.config import CONF_DIR, check_overrides, normalize_argv, register_resolvers
+from kdrun.errors import ConfigError, KdrunError
+
+# Jobs of parallel and cluster launchers run in other processes; whichever way they load the task
+# function from this module, the resolver of the run-dir name must exist there as well.
+register_resolvers()
+
+#: launcher/sweeper choices that come from optional plugins: name -> (plugin module, kdrun extra)
+PLUGIN_CHOICES = {
+    "hydra/launcher": {
+        "parallel": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
+        "joblib": ("hydra_plugins.hydra_joblib_launcher", "joblib"),
+        "slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+        "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+        "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+    },
+    "hydra/sweeper": {
+        "kd_optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+        "optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    },
+}
 
 
 def _error(message: str) -> None:
@@ -31,8 +59,62 @@ def _is_multirun() -> bool:
         return False
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def _hydra_entry(cfg: DictConfig):
+def check_plugins(argv: list[str]) -> None:
+    """A launcher or sweeper from a plugin that is not installed: one line naming the extra."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        choices = PLUGIN_CHOICES.get(key.lstrip("+~"))
+        if not sep or choices is None or value.strip() not in choices:
+            continue
+        module, extra = choices[value.strip()]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"{key.lstrip('+~')}={value} needs a Hydra plugin that is not installed: "
+                              f"pip install 'kdrun[{extra}]'")
+
+
+def pin_job_device(cfg: DictConfig, job_num: int | None = None, device_count: int | None = None) -> str | None:
+    """Spread a multirun's jobs over the visible GPUs: job k gets ``cuda:(k % count)``.
+
+    Only when ``trainer.device=auto`` and at least two CUDA devices are visible; otherwise (CPU, one
+    GPU, an explicit device) the config is left alone and None is returned. With a parallel
+    launcher, n_jobs equal to the GPU count then puts one job on each GPU.
+    """
+    if str(cfg.trainer.get("device") or "auto") != "auto":
+        return None
+    if device_count is None:
+        import torch
+
+        device_count = torch.cuda.device_count()
+    if device_count < 2:
+        return None
+    if job_num is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        job_num = int(HydraConfig.get().job.num)
+    device = f"cuda:{job_num % device_count}"
+    cfg.trainer.device = device
+    logging.getLogger("kdrun").info("job %d: trainer.device=auto -> %s (%d CUDA devices)", job_num, device,
+                                    device_count)
+    return device
+
+
+def _refresh_sweep_table() -> None:
+    """Rebuild results.csv of this job's sweep; a problem there is one line, never a failed job."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        from kdrun.report.sweep import refresh_results
+
+        refresh_results(HydraConfig.get().sweep.dir)
+    except Exception as exc:  # noqa: BLE001
+        _error(f"could not refresh the sweep table: {exc}".splitlines()[0])
+
+
+def _job(cfg: DictConfig, multirun: bool):
     from kdrun.run import run
 
     try:
@@ -42,20 +124,69 @@ def _hydra_entry(cfg: DictConfig):
         sys.exit(130)
     except KdrunError as exc:
         _error(str(exc))
-        if _is_multirun():
-            return None  # a failed job is a row in the sweep table; the sweep goes on
+        if multirun:
+            # a failed job is a row in the sweep table; the sweep goes on. None, not NaN: the Optuna
+            # sweeper records a None as a failed trial and goes on (a NaN makes Optuna 2.x raise)
+            return None
         sys.exit(exc.exit_code)
     except Exception as exc:  # noqa: BLE001 - the traceback goes to kdrun.log, the user gets one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _error(f"{type(exc).__name__}: {first} (traceback in the run dir's kdrun.log)")
-        if _is_multirun():
+        if multirun:
             return None
         sys.exit(1)
     from kdrun.report.console import print_summary
 
-    print_summary(summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+        print_summary(summary)
     metric = cfg.get("optimize_metric")
-    return summary.get(str(metric)) if metric else None
+    if not metric:
+        return None
+    if str(metric) not in summary:  # every job would fail the same way: stop here
+        numeric = [k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        _error(f"optimize_metric={metric} is not a summary.json key; valid: {', '.join(numeric)}")
+        sys.exit(2)
+    return summary[str(metric)]
+
+
+def _sweeper_optimises() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    target = str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+    return any(name in target for name in ("optuna", "nevergrad", "ax_sweeper"))
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def _hydra_entry(cfg: DictConfig):
+    if not _is_multirun():
+        return _job(cfg, multirun=False)
+    if not cfg.get("optimize_metric") and _sweeper_optimises():
+        _error("this sweeper optimises the value each job returns: set optimize_metric to a summary.json key, "
+               "e.g. optimize_metric=student_top1_best")
+        sys.exit(2)
+    try:
+        pin_job_device(cfg)
+        return _job(cfg, multirun=True)
+    finally:
+        _refresh_sweep_table()
+
+
+def _report_sweep() -> None:
+    """After a multirun: where its table is; exit 1 when any of its jobs did not end ok."""
+    from kdrun.report import sweep
+
+    outcome, sweep.LAST_OUTCOME = sweep.LAST_OUTCOME, None
+    if outcome is None or outcome.table is None:
+        return
+    older = len(outcome.table.rows) - len(outcome.jobs)
+    extra = f"; {older} from an earlier sweep into this dir" if older > 0 else ""
+    print(f"sweep table: {outcome.table.path} ({outcome.table.counts_text()}{extra})", flush=True)
+    bad = outcome.not_ok
+    if bad:
+        nums = ", ".join(str(r.get("job")) for r in bad)
+        _error(f"{len(bad)} of {len(outcome.jobs)} jobs did not end ok (job {nums}); "
+               f"see the status and error columns of {outcome.table.path}")
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,13 +194,25 @@ def main(argv: list[str] | None = None) -> None:
     if not sys.stdout.isatty():
         os.environ.setdefault("COLUMNS", "160")  # rich wraps at 80 columns in logs and pipes otherwise
     register_resolvers()
+    argv = normalize_argv(argv)
     try:
         check_overrides(argv)
+        check_plugins(argv)
     except KdrunError as exc:
         _error(str(exc))
         sys.exit(exc.exit_code)
+    rank = int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and rank != 0:
+        # torchrun: only rank 0 keeps a run dir; the other ranks' Hydra output goes to a scratch dir
+        scratch = tempfile.mkdtemp(prefix=f"kdrun-rank{rank}-hydra-")
+        argv = argv + [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     sys.argv = [sys.argv[0] if sys.argv else "kdrun"] + argv
-    _hydra_entry()
+    try:
+        _hydra_entry()
+    finally:
+        if rank != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            shutil.rmtree(scratch, ignore_errors=True)
+    _report_sweep()
 
 
 if __name__ == "__main__":
