@@ -6,11 +6,14 @@ Tests call :func:`run` directly; the CLI calls it from the Hydra entrypoint.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdrun.config import instantiate, loss_name, to_plain
 from kdrun.data import build_data
+from kdrun.engine import distributed as dist
 from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
 from kdrun.engine.device import amp_name, resolve_amp, resolve_device
 from kdrun.engine.io import write_json, write_text
@@ -34,6 +38,8 @@ from kdrun.models import count_macs, count_params, create_model, tap_shapes
 
 log = logging.getLogger("kdrun")
 
+# schemes without a separate teacher model
+SELF_TAUGHT = ("baseline", "mutual", "born_again", "byot")
 # every scheme reports these, so a sweep table has the same columns whatever ran
 RESULT_KEYS = (
     "student_top1_best", "student_top1_last", "student_top5_best", "teacher_top1",
@@ -100,7 +106,7 @@ def initial_summary(cfg: DictConfig, overrides: Iterable[str]) -> dict:
         "status": "running",
         "error": None,
         "scheme": scheme,
-        "teacher": None if scheme == "baseline" else _model_label(cfg.get("teacher")),
+        "teacher": None if scheme in SELF_TAUGHT else _model_label(cfg.get("teacher")),
         "student": _model_label(cfg.get("student")),
         "loss": "none" if scheme == "baseline" else loss_name(cfg.loss),
         "dataset": str(cfg.dataset.name),
@@ -128,26 +134,30 @@ def _model_label(node) -> str | None:
 class RunContext:
     """What a scheme can use: config, data, device, trainer, store, and model helpers."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, data, device, amp_dtype, knowledge: KnowledgeSet):
+    def __init__(self, cfg: DictConfig, run_dir: Path, data, device, amp_dtype, knowledge: KnowledgeSet,
+                 world: dist.World = dist.SINGLE):
         self.cfg = cfg
+        self.world = world
         self.run_dir = run_dir
         self.data = data
         self.device = device
         self.amp_dtype = amp_dtype
-        self.knowledge = knowledge
-        self.trainer = Trainer(cfg, data, device, amp_dtype, progress=progress_enabled(cfg.trainer.progress))
+        self.knowledge = knowledge  # built at start-up (its checks ran there); schemes build fresh copies
+        self.trainer = Trainer(cfg, data, device, amp_dtype, progress=progress_enabled(cfg.trainer.progress),
+                               world=world)
         self.metrics = MetricsWriter(run_dir / "metrics.csv")
         if not bool(cfg.trainer.resume):
             self.metrics.rows = []
         self.store = ModelStore(cfg.paths.store)
         self.sources: dict[str, str] = {}  # role -> checkpoint the model came from
         self.stored: dict[str, dict] = {}  # role -> store payload (accuracies) of store-trained models
+        self.keys: dict[str, str] = {}  # role -> identity of its weights (recipe hash or file digest)
 
     # -- models
-    def build_model(self, node: DictConfig):
-        """A freshly initialised model (seeded with cfg.seed) on the run's device."""
+    def build_model(self, node: DictConfig, seed: int | None = None):
+        """A freshly initialised model (seeded with ``seed``, default cfg.seed) on the run's device."""
         info = self.data.info
-        torch.manual_seed(int(self.cfg.seed))
+        torch.manual_seed(int(self.cfg.seed) if seed is None else int(seed))
         is_timm = node.get("source") == "timm"
         model = create_model(
             "timm" if is_timm else str(node.name),
@@ -157,10 +167,15 @@ class RunContext:
             timm_name=str(node.name) if is_timm else None,
             pretrained=node.get("pretrained"),
         )
-        model = model.to(self.device)
+        if self.world.active and bool(self.cfg.trainer.get("sync_bn", False)):
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return self.place(model)
+
+    def place(self, module: torch.nn.Module) -> torch.nn.Module:
+        module = module.to(self.device)
         if bool(self.cfg.trainer.channels_last):
-            model = model.to(memory_format=torch.channels_last)
-        return model
+            module = module.to(memory_format=torch.channels_last)
+        return module
 
     def lr_for(self, node: DictConfig) -> float:
         return float(node.lr) if node.get("lr") is not None else float(self.cfg.optim.lr)
@@ -198,30 +213,67 @@ class RunContext:
         info = self.data.info
         return tap_shapes(model, info.in_chans, info.image_size, preact=bool(getattr(model, "supports_preact", False)))
 
+    def new_knowledge(self, student, teacher) -> KnowledgeSet:
+        """A fresh knowledge set from cfg.loss (own adapters) set up for this student/teacher edge."""
+        knowledge = build_knowledge(self.cfg.loss)
+        self.setup_knowledge(knowledge, student, teacher)
+        return knowledge
+
     def setup_knowledge(self, knowledge: KnowledgeSet, student, teacher) -> None:
         """Build the terms' adapters from the probed shapes and move them to the device."""
         knowledge.setup(self.shapes(student), self.shapes(teacher), self.data.info)
-        knowledge.to(self.device)
-        if bool(self.cfg.trainer.channels_last):
-            knowledge.to(memory_format=torch.channels_last)
+        self.place(knowledge)
 
-    def run_init_stages(self, student, teacher, knowledge: KnowledgeSet, node: DictConfig) -> None:
-        """Run the initialisation stage of every term that has one, in selection order.
+    def teacher_cache(self, node: DictConfig, role: str, taps: set[str]):
+        """The teacher-output cache of ``role`` when ``node.cache`` is set (else None)."""
+        from kdrun.engine.cache import TeacherCache, cache_dtype
 
-        Skipped when resuming a run whose main stage has already started (its checkpoint holds
-        the initialised weights).
+        if not node.get("cache"):
+            return None
+        dtype = cache_dtype(str(node.get("cache_dtype") or "auto"), self.amp_dtype)
+        topk = node.get("cache_topk")
+        key = {
+            "teacher": self.keys[role], "dataset": self.recipe(node)["dataset"], "seed": int(self.cfg.seed),
+            "batch_size": int(self.cfg.trainer.batch_size), "taps": sorted(taps), "amp": amp_name(self.amp_dtype),
+            "dtype": str(dtype), "topk": topk, "version": 1,
+        }
+        cache = TeacherCache(self.cfg.paths.cache, key, self.device, dtype, topk=topk,
+                             num_classes=self.data.info.num_classes)
+        log.info("teacher cache: %s", cache.size_note())
+        return cache
+
+    def distill(self, student, teacher, node: DictConfig, *, name: str = "student", epochs: int | None = None,
+                ckpt_dir: Path | None = None, metrics=None, resume: bool | None = None,
+                label: str | None = None, cache=None) -> FitResult:
+        """Train ``student`` from the frozen ``teacher`` with cfg.loss: init stages, then the main stage.
+
+        Defaults: this run's checkpoints, metrics, epochs and resume flag. Init stages are skipped
+        when resuming a stage that has already started (its checkpoint holds the initialised weights).
         """
-        from kdrun.schemes.stages import InitStage
+        from kdrun.schemes.stages import DistillStage, InitStage
 
-        if bool(self.cfg.trainer.resume) and (self.run_dir / "checkpoints" / "last.pt").is_file():
-            return
-        for term in knowledge.terms.values():
-            if term.init_epochs > 0:
-                log.info("init stage of %s: %d epochs", term.name, term.init_epochs)
-                self.trainer.fit(
-                    InitStage(student, teacher, term), epochs=int(term.init_epochs), lr=self.lr_for(node),
-                    ckpt_dir=None, metrics=[self.metrics], label=f"init {term.name}",
-                )
+        ckpt_dir = self.run_dir / "checkpoints" if ckpt_dir is None else ckpt_dir
+        metrics = [self.metrics] if metrics is None else metrics
+        resume = bool(self.cfg.trainer.resume) if resume is None else resume
+        epochs = int(self.cfg.trainer.epochs) if epochs is None else epochs
+        knowledge = self.new_knowledge(student, teacher)
+        if not (resume and (ckpt_dir / "last.pt").is_file()):
+            for term in knowledge.terms.values():
+                if term.init_epochs > 0:
+                    log.info("init stage of %s: %d epochs", term.name, term.init_epochs)
+                    self.trainer.fit(
+                        InitStage(student, teacher, term), epochs=int(term.init_epochs),
+                        lr=float(term.init_lr) if term.init_lr is not None else self.lr_for(node),
+                        ckpt_dir=None, metrics=metrics, label=f"{label or name}: init {term.name}",
+                    )
+        cache = cache(knowledge.teacher_taps() | {"logits"}) if callable(cache) else cache
+        fit = self.trainer.fit(
+            DistillStage(student, teacher, knowledge, name, cache=cache), epochs=epochs, lr=self.lr_for(node),
+            ckpt_dir=ckpt_dir, metrics=metrics, resume=resume, label=label or name,
+        )
+        if cache is not None:
+            log.info("teacher cache: %d batches read, %d computed (%s)", cache.hits, cache.misses, cache.size_note())
+        return fit
 
     def recipe(self, node: DictConfig) -> dict:
         """Everything that determines a baseline-trained model (the store's key)."""
@@ -246,33 +298,56 @@ class RunContext:
             "limit_train_batches": cfg.trainer.limit_train_batches,
         }
 
-    def obtain_model(self, node: DictConfig, role: str):
-        """A trained model for ``role``: from ``node.checkpoint``, or the store (training it first)."""
+    def obtain_model(self, node: DictConfig, role: str, teacher=None, teacher_role: str | None = None,
+                     init_seed: int | None = None):
+        """A trained model for ``role``: from ``node.checkpoint``, or the store (training it first).
+
+        Without ``teacher`` the store trains it from labels (scheme=baseline); with one (a frozen
+        model obtained earlier under ``teacher_role``) it distils it with cfg.loss, as teacher
+        assistants and born-again generations are. The recipe hash covers the teacher's identity.
+        """
         from kdrun.schemes.stages import SupervisedStage
 
-        model = self.build_model(node)
+        seed = int(self.cfg.seed) if init_seed is None else int(init_seed)
+        model = self.build_model(node, seed)
         ckpt = node.get("checkpoint")
         if ckpt:
             payload = read_checkpoint(ckpt)
             load_into(model, payload, ckpt, role=role)
             log.info("%s %s: loaded %s", role, node.name, ckpt)
             self.sources[role] = str(ckpt)
+            self.keys[role] = file_digest(ckpt)
             return model
 
         recipe = self.recipe(node)
+        if init_seed is not None:
+            recipe["init_seed"] = seed
+        if teacher is not None:
+            recipe.update(kind="distill", teacher=self.keys[teacher_role], loss=to_plain(self.cfg.loss),
+                          epochs=int(self.cfg.trainer.epochs))
         entry = self.store.entry(str(self.cfg.dataset.name), str(node.name), int(self.cfg.seed), recipe)
         what = f"{role} {node.name}"
         epochs = recipe["epochs"]
 
-        def train(entry_dir: Path) -> dict:
-            log.info("%s: no checkpoint given, training one with scheme=baseline for %d epochs -> %s",
-                     what, epochs, entry_dir)
-            fresh = self.build_model(node)
-            stage = SupervisedStage(fresh, role)
-            fit = self.trainer.fit(
-                stage, epochs=epochs, lr=recipe["lr"], ckpt_dir=entry_dir / "checkpoints",
-                metrics=[MetricsWriter(entry_dir / "metrics.csv"), self.metrics], resume=True, label=what,
-            )
+        def train(entry_dir: Path | None) -> dict:
+            """Train into ``entry_dir``; None: a non-main rank of torchrun, which writes nothing."""
+            how = "scheme=baseline" if teacher is None else f"{loss_name(self.cfg.loss)} from the {teacher_role}"
+            log.info("%s: training it (%s, %d epochs) -> %s", what, how, epochs, entry_dir)
+            fresh = self.build_model(node, seed)
+            writes = entry_dir is not None
+            sinks = [MetricsWriter(entry_dir / "metrics.csv"), self.metrics] if writes else []
+            ckpts = entry_dir / "checkpoints" if writes else None
+            resume = not self.world.active  # ranks could not agree on where a resumed training stands
+            if teacher is None:
+                fit = self.trainer.fit(
+                    SupervisedStage(fresh, role), epochs=epochs, lr=recipe["lr"],
+                    ckpt_dir=ckpts, metrics=sinks, resume=resume, label=what,
+                )
+            else:
+                fit = self.distill(fresh, teacher, node, name=role, epochs=epochs,
+                                   ckpt_dir=ckpts, metrics=sinks, resume=resume, label=what)
+            if not writes:
+                return {}
             summary = {"status": "ok", "model": str(node.name), "role": role, **fit.as_summary("model"),
                        "top1": fit.top1_last, "recipe": recipe}
             write_json(entry_dir / "summary.json", summary)
@@ -280,14 +355,24 @@ class RunContext:
                             epochs=epochs)
             return summary
 
-        path, trained = self.store.obtain(entry, recipe, what, train)
+        path, trained = self.store.obtain(entry, recipe, what, train, self.world)
         if not trained:
             log.info("%s: reusing %s", what, path)
         payload = read_checkpoint(path)
         load_into(model, payload, path, role=role)
         self.sources[role] = str(path)
         self.stored[role] = payload
+        self.keys[role] = entry.name
         return model
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits): the identity of a given checkpoint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _run_dir_from_hydra() -> Path | None:
@@ -330,6 +415,10 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 # ---------------------------------------------------------------------------- run
 def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[str] | None = None) -> dict:
     """Run one experiment; always writes ``summary.json`` (status ok or failed) in ``run_dir``."""
+    world = dist.env_world()
+    if not world.is_main:  # under torchrun only rank 0 writes; the others work in a scratch dir
+        run_dir = Path(tempfile.mkdtemp(prefix=f"kdrun-rank{world.rank}-"))
+        logging.getLogger("kdrun").setLevel(logging.WARNING)
     run_dir = Path(run_dir) if run_dir is not None else (_run_dir_from_hydra() or _default_run_dir(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides) if overrides is not None else _overrides_from_hydra()
@@ -341,18 +430,30 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         if cfg.trainer.get("threads"):
             torch.set_num_threads(int(cfg.trainer.threads))
-        device = resolve_device(cfg.trainer.device)
+        device = resolve_device(cfg.trainer.device, world)
+        if world.active:
+            if bool(cfg.trainer.resume):
+                raise ConfigError("trainer.resume=true is not supported under torchrun yet; resume in one process")
+            if int(cfg.trainer.batch_size) < 2 * world.size:
+                raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is too small to split over "
+                                  f"{world.size} processes; use at least {2 * world.size}")
+            if bool(cfg.trainer.sync_bn) and device.type != "cuda":
+                raise ConfigError("trainer.sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm has no CPU "
+                                  "kernel); leave it false on CPU")
+            dist.init(world, device)
+            summary["world_size"] = world.size
         amp_dtype = resolve_amp(cfg.trainer.amp, device)
         summary.update({"device": str(device), "amp": amp_name(amp_dtype)})
         knowledge = build_knowledge(cfg.loss if summary["scheme"] != "baseline" else {})
         scheme = instantiate(cfg.scheme)
+        scheme.validate(cfg)
         log.info("run dir: %s", run_dir)
         data = build_data(
             cfg.dataset, batch_size=int(cfg.trainer.batch_size), eval_batch_size=int(cfg.trainer.eval_batch_size),
             device=device, seed=int(cfg.seed), channels_last=bool(cfg.trainer.channels_last),
         )
         log.info("data: %s | device %s, amp %s", data, device, amp_name(amp_dtype))
-        ctx = RunContext(cfg, run_dir, data, device, amp_dtype, knowledge)
+        ctx = RunContext(cfg, run_dir, data, device, amp_dtype, knowledge, world)
         summary.update(scheme.run(ctx))
         if cfg.get("compare_baseline"):
             summary.update(_compare_baseline(ctx, summary))
@@ -380,6 +481,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
         write_json(run_dir / "summary.json", _finite(summary))
         logging.getLogger("kdrun").removeHandler(handler)
         handler.close()
+        if not world.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        dist.shutdown(world)
     return summary
 
 

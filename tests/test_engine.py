@@ -117,3 +117,15 @@ def test_store_hash_separates_recipes(tmp_path):
     a = store.entry("ds", "resnet56", 0, {"epochs": 3})
     b = store.entry("ds", "resnet56", 0, {"epochs": 240})
     assert a != b and a.parent == b.parent == tmp_path / "ds" / "resnet56" / "seed0"
+
+
+def test_atomic_writes_get_the_umask_permissions_not_0600(tmp_path):
+    import os
+    import stat
+
+    from kdrun.engine.io import write_json
+
+    write_json(tmp_path / "s.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "s.json").stat().st_mode) == 0o666 & ~mask

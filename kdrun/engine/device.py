@@ -9,8 +9,12 @@ from kdrun.errors import ConfigError
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, world=None) -> torch.device:
+    """``trainer.device``; under torchrun ``auto``/``cuda`` mean this rank's GPU, cuda:<LOCAL_RANK>."""
     spec = str(spec or "auto")
+    local = getattr(world, "local_rank", 0) if world is not None and world.active else None
+    if spec in ("auto", "cuda") and local is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{local}")
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec.startswith("cuda"):

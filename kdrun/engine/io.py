@@ -5,15 +5,28 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
 
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it into place."""
+    """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it into place.
+
+    The file gets the permissions a plain ``open()`` would give it (0666 less the umask), not the
+    private 0600 of a temp file, so colleagues on a shared machine can read results.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode) as f:
             write(f)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from kdrun.config import recipe_hash
+from kdrun.engine import distributed as dist
 from kdrun.engine.io import write_json
 
 log = logging.getLogger("kdrun")
@@ -50,9 +51,16 @@ class ModelStore:
         safe_model = model.replace("/", "_")
         return self.root / dataset / safe_model / f"seed{seed}" / recipe_hash(recipe)
 
-    def obtain(self, entry: Path, recipe: dict, what: str, train: Callable[[Path], dict]) -> tuple[Path, bool]:
-        """Return (path to model.pt, trained_now). ``train(entry_dir)`` must write entry/model.pt."""
+    def obtain(self, entry: Path, recipe: dict, what: str, train: Callable[[Path | None], dict],
+               world: dist.World = dist.SINGLE) -> tuple[Path, bool]:
+        """Return (path to model.pt, trained_now). ``train(entry_dir)`` must write entry/model.pt.
+
+        Under torchrun every rank trains (they share each batch) but only rank 0 holds the lock and
+        writes; the other ranks call ``train(None)``.
+        """
         model_path = entry / MODEL_FILE
+        if world.active:
+            return self._obtain_distributed(entry, recipe, what, train, world)
         if model_path.is_file():
             return model_path, False
         with file_lock(entry.with_name(entry.name + ".lock"), what):
@@ -64,3 +72,16 @@ class ModelStore:
             if not model_path.is_file():
                 raise RuntimeError(f"training {what} did not write {model_path}")
             return model_path, True
+
+    def _obtain_distributed(self, entry: Path, recipe: dict, what: str, train, world: dist.World):
+        model_path = entry / MODEL_FILE
+        lock = file_lock(entry.with_name(entry.name + ".lock"), what) if world.is_main else contextlib.nullcontext()
+        with lock:
+            exists = dist.broadcast_flag(model_path.is_file(), world)
+            if not exists:
+                if world.is_main:
+                    entry.mkdir(parents=True, exist_ok=True)
+                    write_json(entry / "recipe.json", recipe)
+                train(entry if world.is_main else None)
+        dist.barrier(world)
+        return model_path, not exists

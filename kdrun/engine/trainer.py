@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdrun.engine import distributed as dist
 from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.progress import EpochProgress
@@ -28,6 +29,8 @@ from kdrun.errors import KdrunError
 from kdrun.knowledge.base import Step
 
 log = logging.getLogger("kdrun")
+
+NO_SCORE = {"test_loss": float("nan"), "test_top1": float("nan"), "test_top5": float("nan")}
 
 
 class Stage(Protocol):
@@ -54,6 +57,7 @@ class FitResult:
     train_seconds: float = 0.0
     images_per_second: float = float("nan")
     history: list[dict] = field(default_factory=list)
+    models: dict[str, "FitResult"] = field(default_factory=dict)  # per model/exit when several are scored
 
     def as_summary(self, prefix: str) -> dict:
         return {
@@ -61,18 +65,23 @@ class FitResult:
             f"{prefix}_top1_last": self.top1_last,
             f"{prefix}_top5_best": self.top5_best,
             f"{prefix}_best_epoch": self.best_epoch,
+            f"{prefix}_train_seconds": round(self.train_seconds, 3),
+            f"{prefix}_images_per_second": self.images_per_second,
         }
 
 
 class Trainer:
-    def __init__(self, cfg, data, device: torch.device, amp_dtype: torch.dtype | None, progress: bool = False):
-        """``cfg``: the full run config (reads trainer, optim, sched). ``data``: a DataModule."""
+    def __init__(self, cfg, data, device: torch.device, amp_dtype: torch.dtype | None, progress: bool = False,
+                 world: dist.World = dist.SINGLE):
+        """``cfg``: the full run config (reads trainer, optim, sched). ``data``: a DataModule.
+        ``world``: the data-parallel processes (each takes its share of every batch)."""
         self.cfg = cfg
         self.tcfg = cfg.trainer
         self.data = data
         self.device = device
         self.amp_dtype = amp_dtype
-        self.progress = progress
+        self.world = world
+        self.progress = progress and world.is_main
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -87,34 +96,50 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:
-        """Test loss, top-1 and top-5 (percent) of ``model`` on the test split."""
+        """Test loss, top-1 and top-5 (percent) of ``model`` on the test split.
+
+        A model whose forward returns a dict of logits (several exits, peers, an ensemble) is
+        scored per entry: the result is then ``{name: {"test_loss": .., ...}}``.
+        """
+        scores = self._evaluate_outputs(model)
+        return scores[None] if list(scores) == [None] else scores
+
+    def _evaluate_outputs(self, model: nn.Module) -> dict:
         was_training = model.training
         model.eval()
         limit = self.tcfg.limit_eval_batches
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        c1 = torch.zeros((), device=self.device, dtype=torch.long)
-        c5 = torch.zeros((), device=self.device, dtype=torch.long)
+        sums: dict = {}
         n = 0
+        world = self.world
+        n_batches = self.data.eval_steps if limit is None else min(int(limit), self.data.eval_steps)
+        shard = world.active and n_batches >= world.size  # each rank scores every size-th batch
         for i, (x, y) in enumerate(self.data.eval_batches()):
             if limit is not None and i >= int(limit):
                 break
+            if shard and i % world.size != world.rank:
+                continue
             with self.autocast():
-                logits = model(x)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hit = top.eq(y[:, None])
-            c1 += hit[:, 0].sum()
-            c5 += hit.any(dim=1).sum()
+                out = model(x)
+            outputs = out if isinstance(out, dict) else {None: out}
+            for name, logits in outputs.items():
+                logits = logits.float()
+                acc = sums.setdefault(name, torch.zeros(3, device=self.device, dtype=torch.float64))
+                k = min(5, logits.shape[1])
+                hit = logits.topk(k, dim=1).indices.eq(y[:, None])
+                acc[0] += F.cross_entropy(logits, y, reduction="sum").double()
+                acc[1] += hit[:, 0].sum()
+                acc[2] += hit.any(dim=1).sum()
             n += y.numel()
         model.train(was_training)
+        if shard:
+            n = int(dist.all_reduce_sum(torch.tensor([n], device=self.device), world).item())
+            for name in sorted(sums, key=str):
+                dist.all_reduce_sum(sums[name], world)
         if n == 0:
-            return {"test_loss": float("nan"), "test_top1": float("nan"), "test_top5": float("nan")}
+            return {None: dict(NO_SCORE)}
         return {
-            "test_loss": loss_sum.item() / n,
-            "test_top1": 100.0 * c1.item() / n,
-            "test_top5": 100.0 * c5.item() / n,
+            name: {"test_loss": a[0].item() / n, "test_top1": 100.0 * a[1].item() / n, "test_top5": 100.0 * a[2].item() / n}
+            for name, a in sums.items()
         }
 
     # ------------------------------------------------------------------ fit
@@ -132,7 +157,9 @@ class Trainer:
         """Train ``stage`` for ``epochs`` epochs at base learning rate ``lr``."""
         label = label or stage.name
         steps = self.steps_per_epoch()
-        optimizer = build_optimizer(stage.parameters_to_train(), self.cfg.optim, lr)
+        world = self.world
+        params = stage.parameters_to_train()
+        optimizer = build_optimizer(params, self.cfg.optim, lr)
         schedule = LRSchedule(self.cfg.sched, lr, epochs, steps)
         scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         result = FitResult(epochs=epochs)
@@ -151,7 +178,7 @@ class Trainer:
                 bar.start(f"{label} {epoch + 1}/{epochs}", steps)
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=self.device)
-                correct = torch.zeros((), device=self.device, dtype=torch.long)
+                correct: dict = {}
                 term_sums: dict[str, torch.Tensor] = {}
                 seen = 0
                 lr_now = lr
@@ -161,56 +188,75 @@ class Trainer:
                     lr_now = schedule(epoch, i)
                     for group in optimizer.param_groups:
                         group["lr"] = lr_now
+                    if world.active:
+                        share = dist.local_slice(y.shape[0], world)
+                        x, y, index = x[share], y[share], index[share]
                     with self.autocast():
                         loss, logits, logs = stage.training_step(
-                            x, Step(targets=y, index=index, epoch=epoch + i / steps, epochs=epochs)
+                            x, Step(targets=y, index=index, epoch=epoch + i / steps, epochs=epochs, batch=i)
                         )
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
                         scaler.scale(loss).backward()
+                        dist.average_gradients(params, world)
                         scaler.step(optimizer)
                         scaler.update()
                     else:
                         loss.backward()
+                        dist.average_gradients(params, world)
                         optimizer.step()
                     b = y.shape[0]
                     seen += b
                     loss_sum += loss.detach().float() * b
-                    correct += (logits.detach().argmax(dim=1) == y).sum()
+                    for name, out in (logits.items() if isinstance(logits, dict) else [(None, logits)]):
+                        hits = (out.detach().argmax(dim=1) == y).sum()
+                        correct[name] = correct[name] + hits if name in correct else hits
                     for k, v in logs.items():
                         term_sums[k] = term_sums.get(k, 0.0) + v.float() * b
                     if bar.enabled and (i + 1) % log_every == 0:
-                        bar.update(i + 1, f"loss {loss_sum.item() / seen:.3f}  acc {100.0 * correct.item() / seen:.1f}%")
+                        first = next(iter(correct.values()))
+                        bar.update(i + 1, f"loss {loss_sum.item() / seen:.3f}  acc {100.0 * first.item() / seen:.1f}%")
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 train_seconds = time.perf_counter() - t0
+                if hasattr(stage, "end_epoch"):
+                    stage.end_epoch(epoch)
+                if world.active:
+                    seen = self._reduce_epoch(stage, world, seen, loss_sum, correct, term_sums)
                 train_loss = loss_sum.item() / max(seen, 1)
                 if not math.isfinite(train_loss):
                     raise KdrunError(
                         f"{label}: training diverged (train loss {train_loss}) in epoch {epoch + 1}; "
                         "lower optim.lr or a loss weight, or try trainer.amp=off"
                     )
-                row = {"stage": stage.name, "epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss}
-                row.update({k: v.item() / max(seen, 1) for k, v in term_sums.items()})
-                row["train_top1"] = 100.0 * correct.item() / max(seen, 1)
-                last_epoch = epoch + 1 == epochs
-                every = max(1, int(self.tcfg.eval_every))
-                if last_epoch or (epoch + 1) % every == 0:
-                    row.update(self.evaluate(stage.model))
+                base = {"stage": stage.name, "epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss}
+                base.update({k: v.item() / max(seen, 1) for k, v in term_sums.items()})
+                every = max(1, int(self.tcfg.eval_every)) if getattr(stage, "eval_each_epoch", True) else epochs
+                if epoch + 1 == epochs or (epoch + 1) % every == 0:
+                    scores = self._evaluate_outputs(stage.eval_model() if hasattr(stage, "eval_model") else stage.model)
                 else:
-                    row.update({"test_loss": float("nan"), "test_top1": float("nan"), "test_top5": float("nan")})
-                row["epoch_seconds"] = time.perf_counter() - t0
-                row["images_per_second"] = seen / max(train_seconds, 1e-9)
+                    scores = {name: dict(NO_SCORE) for name in correct}
+                rows = []
+                for name, score in scores.items():
+                    row = dict(base) if name is None else {**base, "model": name}
+                    hits = correct.get(name)
+                    row["train_top1"] = 100.0 * hits.item() / max(seen, 1) if hits is not None else float("nan")
+                    row.update(score)
+                    row["epoch_seconds"] = time.perf_counter() - t0
+                    row["images_per_second"] = seen / max(train_seconds, 1e-9)
+                    rows.append(row)
                 result.train_seconds += train_seconds
-                self._record(result, row)
+                primary = self._record(result, rows, getattr(stage, "primary", None))
                 for m in metrics:
-                    m.append(row)
+                    for row in rows:
+                        m.append(row)
                 log.info(
-                    "%s epoch %d/%d  loss %.4f  train %.2f%%  test %.2f%% (top-5 %.2f%%)  %.1fs  %.0f img/s",
-                    label, epoch + 1, epochs, train_loss, row["train_top1"], row["test_top1"],
-                    row["test_top5"], row["epoch_seconds"], row["images_per_second"],
+                    "%s epoch %d/%d  loss %.4f  train %.2f%%  test %.2f%% (top-5 %.2f%%)  %.1fs  %.0f img/s%s",
+                    label, epoch + 1, epochs, train_loss, primary["train_top1"], primary["test_top1"],
+                    primary["test_top5"], primary["epoch_seconds"], primary["images_per_second"],
+                    "".join(f"  | {r['model']} {r['test_top1']:.2f}%" for r in rows if r is not primary and "model" in r),
                 )
-                if ckpt_dir is not None:
+                if ckpt_dir is not None and world.is_main:
                     self._save(stage, optimizer, ckpt_dir, epoch + 1, result, improved=result.best_epoch == epoch + 1)
         if result.history:
             ips = [r["images_per_second"] for r in result.history]
@@ -218,17 +264,37 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ bookkeeping
+    def _reduce_epoch(self, stage, world, seen, loss_sum, correct, term_sums) -> int:
+        """Sum the epoch's running totals over the ranks (in place) and average BN statistics."""
+        dist.all_reduce_sum(loss_sum, world)
+        for name in sorted(correct, key=str):
+            correct[name] = dist.all_reduce_sum(correct[name].clone(), world)
+        for name in sorted(term_sums):
+            term_sums[name] = dist.all_reduce_sum(torch.as_tensor(term_sums[name], device=self.device).clone(), world)
+        for module in (stage.model, getattr(stage, "knowledge", None)):
+            if module is not None:
+                dist.average_buffers(module, world)
+        return int(dist.all_reduce_sum(torch.tensor([seen], device=self.device), world).item())
+
     @staticmethod
-    def _record(result: FitResult, row: dict) -> None:
-        result.history.append(row)
-        top1, top5 = row["test_top1"], row["test_top5"]
-        if math.isnan(top1):
-            return
-        result.top1_last, result.top5_last = top1, top5
-        if math.isnan(result.top1_best) or top1 > result.top1_best:
-            result.top1_best, result.best_epoch = top1, row["epoch"]
-        if math.isnan(result.top5_best) or top5 > result.top5_best:
-            result.top5_best = top5
+    def _record(result: FitResult, rows: list[dict], primary: str | None) -> dict:
+        """Track best/last accuracy: of the primary row in ``result``, of each model in ``result.models``."""
+        by_name = {r.get("model"): r for r in rows}
+        main = by_name.get(primary, rows[0])
+        targets = [(result, main)]
+        if len(rows) > 1:
+            targets += [(result.models.setdefault(r["model"], FitResult(epochs=result.epochs)), r) for r in rows]
+        for res, row in targets:
+            res.history.append(row)
+            top1, top5 = row["test_top1"], row["test_top5"]
+            if math.isnan(top1):
+                continue
+            res.top1_last, res.top5_last = top1, top5
+            if math.isnan(res.top1_best) or top1 > res.top1_best:
+                res.top1_best, res.best_epoch = top1, row["epoch"]
+            if math.isnan(res.top5_best) or top5 > res.top5_best:
+                res.top5_best = top5
+        return main
 
     def _save(self, stage: Stage, optimizer, ckpt_dir: Path, epoch: int, result: FitResult, improved: bool) -> None:
         if not bool(self.tcfg.get("save_checkpoints", True)):

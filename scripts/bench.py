@@ -1,0 +1,217 @@
+"""Benchmark kdrun's training step against a plain PyTorch KD loop, in one process.
+
+The reference loop is written the way the published CIFAR distillation codebases train: torchvision
+transforms on PIL images through a DataLoader with worker processes, fp32, NCHW, and a host sync
+(`.item()` on the loss and the accuracy) every step. kdrun's step is the real thing: its in-memory
+data module (uint8 on the device, batch augmentation there), its Trainer and DistillStage, with the
+run's defaults (channels_last, amp=auto). Both train resnet56 -> resnet20 with KD (T=4, alpha=0.9)
+on the same synthetic CIFAR-shaped images, at the same batch size, with the same optimizer.
+
+    python scripts/bench.py --quick            # < 1 minute on 2 CPU cores
+    python scripts/bench.py --quick --sweep    # also: a sweep's second run with teacher.cache=true
+
+The last line is `speedup <x>`: kdrun images/s over the reference at batch 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kdrun.config import compose  # noqa: E402
+from kdrun.data import build_data  # noqa: E402
+from kdrun.engine.device import amp_name, resolve_amp, resolve_device  # noqa: E402
+from kdrun.engine.trainer import Trainer  # noqa: E402
+from kdrun.knowledge import KnowledgeSet  # noqa: E402
+from kdrun.knowledge.logits import KD  # noqa: E402
+from kdrun.models import create_model, tap_shapes  # noqa: E402
+from kdrun.schemes.stages import DistillStage  # noqa: E402
+
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA allocator peak, or the process's resident set sampled every 5 ms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = self.rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    def mib(self) -> float:
+        return self.peak / 2**20
+
+
+def synthetic_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 100, size=n).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- (a)
+class PILDataset(torch.utils.data.Dataset):
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        from torchvision import transforms
+
+        self.x, self.y = x, y
+        self.transform = transforms.Compose([
+            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
+
+
+def reference_loop(x, y, batch: int, steps: int, warmup: int, workers: int, device: torch.device) -> float:
+    """Images/s of the plain recipe over ``steps`` steps after ``warmup`` steps."""
+    torch.manual_seed(0)
+    teacher = create_model("resnet56", 100).to(device).eval()
+    student = create_model("resnet20", 100).to(device).train()
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    loader = torch.utils.data.DataLoader(PILDataset(x, y), batch_size=batch, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=workers > 0)
+    done, t0 = 0, None
+    while done < warmup + steps:
+        for images, labels in loader:
+            if done == warmup:
+                t0 = time.perf_counter()
+            if done >= warmup + steps:
+                break
+            images, labels = images.to(device), labels.to(device)
+            with torch.no_grad():
+                t_logits = teacher(images)
+            s_logits = student(images)
+            kd = F.kl_div(F.log_softmax(s_logits / 4, 1), F.softmax(t_logits / 4, 1), reduction="batchmean") * 16
+            loss = 0.1 * F.cross_entropy(s_logits, labels) + 0.9 * kd
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            _ = loss.item(), (s_logits.argmax(1) == labels).float().mean().item()  # per-step meters
+            done += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- (b)
+def kdrun_loop(npz: Path, batch: int, steps: int, warmup: int, device: torch.device, amp: str) -> tuple[float, str]:
+    """Images/s of kdrun's Trainer + DistillStage on the same images (warm-up epoch, then a timed one)."""
+    cfg = compose([
+        "dataset=npz", f"dataset.path={npz}", f"trainer.batch_size={batch}", f"trainer.amp={amp}",
+        f"trainer.limit_train_batches={max(steps, warmup)}", "trainer.limit_eval_batches=1",
+        "trainer.progress=off", "sched=cosine",
+    ])
+    data = build_data(cfg.dataset, batch_size=batch, eval_batch_size=256, device=device, seed=0,
+                      channels_last=bool(cfg.trainer.channels_last))
+    amp_dtype = resolve_amp(cfg.trainer.amp, device)
+    torch.manual_seed(0)
+    teacher = create_model("resnet56", 100).to(device).to(memory_format=torch.channels_last)
+    student = create_model("resnet20", 100).to(device).to(memory_format=torch.channels_last)
+    kset = KnowledgeSet({"kd": KD(alpha=0.9, temperature=4.0)})
+    kset.setup(tap_shapes(student, 3, 32), tap_shapes(teacher, 3, 32))
+    trainer = Trainer(cfg, data, device, amp_dtype)
+    fit = trainer.fit(DistillStage(student, teacher, kset), epochs=2, lr=0.05, ckpt_dir=None)
+    return fit.history[-1]["images_per_second"], amp_name(amp_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- (c)
+def sweep_cache(npz: Path, batch: int, steps: int, out: Path) -> tuple[float, float]:
+    """Wall seconds of the student stage of two runs of a sweep with teacher.cache=true."""
+    from kdrun.engine.checkpoint import save_checkpoint
+    from kdrun.run import run
+
+    teacher = create_model("resnet56", 100)
+    save_checkpoint(out / "teacher.pt", teacher)
+    times = []
+    for k, temperature in enumerate((4, 2)):
+        overrides = [
+            "dataset=npz", f"dataset.path={npz}", f"trainer.batch_size={batch}", "trainer.epochs=2",
+            f"trainer.limit_train_batches={steps}", "trainer.limit_eval_batches=1", "trainer.progress=off",
+            f"teacher.checkpoint={out / 'teacher.pt'}", "teacher.cache=true", f"loss.kd.temperature={temperature}",
+            f"paths.output_root={out / 'outputs'}", "trainer.save_checkpoints=false",
+        ]
+        summary = run(compose(overrides), run_dir=out / f"run{k}", overrides=overrides)
+        times.append(summary["student_train_seconds"])
+    return times[0], times[1]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="few steps: under a minute on 2 CPU cores")
+    p.add_argument("--sweep", action="store_true", help="also time a sweep's cached second run")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--big-batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per setting")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", help="kdrun's trainer.amp")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    steps = args.steps or (8 if args.quick else 40)
+    warmup = 2 if args.quick else 5
+    n = max(args.big_batch, args.batch) * (steps + warmup + 1)
+    x, y = synthetic_images(n)
+    print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"{n} synthetic 32x32 images, resnet56 -> resnet20 KD, {steps} timed steps")
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "bench.npz"
+        xt, yt = synthetic_images(512, seed=1)
+        np.savez(npz, x_train=x, y_train=y, x_test=xt, y_test=yt)
+        results = {}
+        for batch in (args.batch, args.big_batch):
+            with PeakMemory(device) as mem_a:
+                ref = reference_loop(x, y, batch, steps, warmup, args.workers, device)
+            with PeakMemory(device) as mem_b:
+                ours, amp = kdrun_loop(npz, batch, steps, warmup, device, args.amp)
+            results[batch] = ours / ref
+            print(f"batch {batch:4d}  reference {ref:7.1f} img/s (peak {mem_a.mib():.0f} MiB)   "
+                  f"kdrun {ours:7.1f} img/s (amp {amp}, peak {mem_b.mib():.0f} MiB)   x{ours / ref:.2f}")
+        if args.sweep:
+            first, second = sweep_cache(npz, args.batch, steps, Path(tmp))
+            print(f"sweep with teacher.cache=true: first run {first:.1f} s, second run {second:.1f} s "
+                  f"(x{first / second:.2f} faster)")
+    print(f"speedup {results[args.batch]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
