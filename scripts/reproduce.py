@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Reproduce the published CIFAR-100 distillation tables with kdrun (docs/reproduce.md).
+
+    python scripts/reproduce.py --pairs r56_r20,r32x4_r8x4 --methods kd,crd,dkd --seeds 0,1,2
+    python scripts/reproduce.py --help
+"""
+
+import sys
+
+from kdrun.reproduce import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
