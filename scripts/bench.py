@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -180,18 +181,24 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="few steps: under a minute on 2 CPU cores")
     p.add_argument("--sweep", action="store_true", help="also time a sweep's cached second run")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--big-batch", type=int, default=256)
+    p.add_argument("--big-batch", type=int, default=None, help="the larger batch (default 256; 128 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per setting")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds per setting (median reported)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", help="kdrun's trainer.amp")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    steps = args.steps or (8 if args.quick else 40)
+    steps = args.steps or (4 if args.quick else 30)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.big_batch = args.big_batch or (128 if args.quick else 256)
     warmup = 2 if args.quick else 5
     n = max(args.big_batch, args.batch) * (steps + warmup + 1)
     x, y = synthetic_images(n)
-    print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+    from kdrun.engine.device import cpu_has_native_bf16
+
+    cpu = f", CPU bf16 instructions: {'yes' if cpu_has_native_bf16() else 'no'}" if device.type == "cpu" else ""
+    print(f"device {device} ({torch.get_num_threads()} threads{cpu}), torch {torch.__version__}, "
           f"{n} synthetic 32x32 images, resnet56 -> resnet20 KD, {steps} timed steps")
     with tempfile.TemporaryDirectory() as tmp:
         npz = Path(tmp) / "bench.npz"
@@ -199,13 +206,18 @@ def main(argv=None) -> None:
         np.savez(npz, x_train=x, y_train=y, x_test=xt, y_test=yt)
         results = {}
         for batch in (args.batch, args.big_batch):
-            with PeakMemory(device) as mem_a:
-                ref = reference_loop(x, y, batch, steps, warmup, args.workers, device)
-            with PeakMemory(device) as mem_b:
-                ours, amp = kdrun_loop(npz, batch, steps, warmup, device, args.amp)
-            results[batch] = ours / ref
+            refs, ours = [], []
+            for _ in range(args.rounds):  # alternate the two, so drifting machine speed hits both alike
+                with PeakMemory(device) as mem_a:
+                    refs.append(reference_loop(x, y, batch, steps, warmup, args.workers, device))
+                with PeakMemory(device) as mem_b:
+                    speed, amp = kdrun_loop(npz, batch, steps, warmup, device, args.amp)
+                    ours.append(speed)
+            ref, own = statistics.median(refs), statistics.median(ours)
+            results[batch] = own / ref
             print(f"batch {batch:4d}  reference {ref:7.1f} img/s (peak {mem_a.mib():.0f} MiB)   "
-                  f"kdrun {ours:7.1f} img/s (amp {amp}, peak {mem_b.mib():.0f} MiB)   x{ours / ref:.2f}")
+                  f"kdrun {own:7.1f} img/s (amp {amp}, peak {mem_b.mib():.0f} MiB)   x{own / ref:.2f}"
+                  f"   (medians of {args.rounds} alternating rounds)")
         if args.sweep:
             first, second = sweep_cache(npz, args.batch, steps, Path(tmp))
             print(f"sweep with teacher.cache=true: first run {first:.1f} s, second run {second:.1f} s "
