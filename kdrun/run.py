@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.config import instantiate, loss_name, to_plain
+from kdrun.config import instantiate, loss_name, parse_overrides, to_plain
 from kdrun.data import build_data
 from kdrun.engine import distributed as dist
 from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
@@ -81,25 +81,6 @@ def _git_sha() -> str | None:
         return None
 
 
-def _override_items(overrides: Iterable[str]) -> list[tuple[str, Any]]:
-    """(key, typed value) of each command-line override, parsed with Hydra's own grammar."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    items = []
-    for text in overrides:
-        try:
-            ov = parser.parse_override(text)
-        except Exception:
-            continue
-        if ov.is_delete() or ov.key_or_group.startswith("hydra"):
-            continue
-        value = ov.value()
-        items.append((ov.key_or_group, value if isinstance(value, (str, int, float, bool, type(None), list, dict))
-                      else str(value)))
-    return items
-
-
 def initial_summary(cfg: DictConfig, overrides: Iterable[str]) -> dict:
     scheme = str(cfg.scheme.name)
     summary: dict[str, Any] = {
@@ -118,7 +99,7 @@ def initial_summary(cfg: DictConfig, overrides: Iterable[str]) -> dict:
         summary.update({"student_baseline_top1": None, "gain_top1": None})
     summary.update({"wall_seconds": None, "device": None, "amp": None, "git_sha": _git_sha()})
     summary["overrides"] = " ".join(overrides)
-    for key, value in _override_items(overrides):
+    for key, value in parse_overrides(overrides):
         if key not in summary:  # group choices (teacher=, loss=...) are there already
             summary[key] = value
     return summary

@@ -208,3 +208,26 @@ def recipe_hash(recipe: dict) -> str:
     """A short stable hash of a JSON-able recipe (sorted keys)."""
     blob = json.dumps(recipe, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def parse_overrides(texts: Iterable[str]) -> list[tuple[str, Any]]:
+    """(key, typed value) of command-line overrides as Hydra's grammar reads them; hydra.* and
+    deletions left out; text Hydra cannot parse is kept as ``key`` and the raw value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    items = []
+    for text in texts:
+        try:
+            ov = parser.parse_override(text)
+        except Exception:  # noqa: BLE001 - keep what was typed
+            key, _, value = text.partition("=")
+            items.append((key.lstrip("+~"), value))
+            continue
+        if ov.is_delete() or ov.key_or_group.startswith("hydra"):
+            continue
+        value = ov.value()
+        if not isinstance(value, (str, int, float, bool, type(None), list, dict)):
+            value = str(value)
+        items.append((ov.key_or_group, value))
+    return items

@@ -28,6 +28,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from kdrun.config import parse_overrides
 from kdrun.engine.io import write_text
 from kdrun.errors import ConfigError
 
@@ -108,28 +109,6 @@ def find_job_dirs(root: str | Path) -> list[Path]:
     return found
 
 
-def _parse_overrides(texts: list[str]) -> list[tuple[str, Any]]:
-    """(key, typed value) of command-line overrides, as Hydra parses them; hydra.* left out."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    items = []
-    for text in texts:
-        try:
-            ov = parser.parse_override(text)
-        except Exception:  # noqa: BLE001 - a job's overrides parsed once already; keep the text
-            key, _, value = text.partition("=")
-            items.append((key.lstrip("+~"), value))
-            continue
-        if ov.is_delete() or ov.key_or_group.startswith("hydra"):
-            continue
-        value = ov.value()
-        if not isinstance(value, (str, int, float, bool, type(None))):
-            value = str(value) if not isinstance(value, (list, dict)) else value
-        items.append((ov.key_or_group, value))
-    return items
-
-
 def _read_overrides(job_dir: Path) -> list[str] | None:
     path = job_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
@@ -181,7 +160,7 @@ def read_job(job_dir: str | Path) -> JobRow | None:
         return None
     if texts is None and summary is not None:
         texts = str(summary.get("overrides") or "").split()
-    items = _parse_overrides(texts or [])
+    items = parse_overrides(texts or [])
     if summary is None:  # the job has not written its summary yet: its overrides are all we know
         values: dict[str, Any] = {"status": INCOMPLETE, "error": error or _INCOMPLETE_ERROR}
         values.update(items)

@@ -3,7 +3,7 @@
 The pairs are the experiment files conf/experiment/cifar100/*.yaml; the published numbers ship in
 published_cifar100.csv (:mod:`kdrun.reproduce.published`); :mod:`kdrun.reproduce.plan` turns pairs x
 methods x seeds and the budget flags into `kdrun -m` sweeps; :mod:`kdrun.reproduce.report` writes
-the comparison tables. ``scripts/reproduce.py`` calls :func:`main`. Guide: docs/reproduce.md.
+the comparison tables. ``scripts/reproduce.py`` calls :func:`main`. Guide: the README section "Reproducing the published CIFAR-100 tables".
 """
 
 from __future__ import annotations

@@ -103,15 +103,8 @@ class ByotStage(SupervisedStage):
         logits[self.primary] = deep_logits
         return loss, logits, logs
 
-    def extra_state(self) -> dict:
-        state = {f"exits.{k}": v for k, v in self.exits.state_dict().items()}
-        state.update({f"sets.{k}": v for k, v in self.exit_sets.state_dict().items()})
-        return {"knowledge": {k: v.detach().cpu() for k, v in state.items()}}
-
-    def load_extra_state(self, state: dict) -> None:
-        kn = state.get("knowledge", {})
-        self.exits.load_state_dict({k[6:]: v for k, v in kn.items() if k.startswith("exits.")})
-        self.exit_sets.load_state_dict({k[5:]: v for k, v in kn.items() if k.startswith("sets.")})
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"exits": self.exits, "exit_sets": self.exit_sets}
 
 
 class Byot(Scheme):

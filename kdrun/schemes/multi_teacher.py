@@ -92,15 +92,8 @@ class MultiTeacherStage(SupervisedStage):
                 logs[name] = logs.get(name, 0.0) + scale.detach() * v
         return loss, s_out["logits"], logs
 
-    def extra_state(self) -> dict:
-        state = {f"logit.{k}": v for k, v in self.logit_set.state_dict().items()}
-        state.update({f"features.{k}": v for k, v in self.feature_sets.state_dict().items()})
-        return {"knowledge": {k: v.detach().cpu() for k, v in state.items()}}
-
-    def load_extra_state(self, state: dict) -> None:
-        kn = state.get("knowledge", {})
-        self.logit_set.load_state_dict({k[6:]: v for k, v in kn.items() if k.startswith("logit.")})
-        self.feature_sets.load_state_dict({k[9:]: v for k, v in kn.items() if k.startswith("features.")})
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"logit_set": self.logit_set, "feature_sets": self.feature_sets}
 
 
 class MultiTeacher(Scheme):

@@ -16,7 +16,7 @@ from kdrun.config import model_node, split_models
 from kdrun.errors import ConfigError
 from kdrun.knowledge import KnowledgeSet, Step
 from kdrun.schemes.base import Scheme
-from kdrun.schemes.stages import detached, log_mean_softmax, tapped_forward
+from kdrun.schemes.stages import SupervisedStage, detached, log_mean_softmax, tapped_forward
 
 
 class PeerGroup(nn.Module):
@@ -35,17 +35,17 @@ class PeerGroup(nn.Module):
         return out
 
 
-class MutualStage:
+class MutualStage(SupervisedStage):
     def __init__(self, group: PeerGroup, edges: dict[tuple[int, int], KnowledgeSet]) -> None:
-        self.model, self.name, self.primary = group, "mutual", group.names[0]
+        super().__init__(group, "mutual")
+        self.primary = group.names[0]
         self.edges = nn.ModuleDict({f"{i}_{j}": s for (i, j), s in edges.items()})
         k = len(group.peers)
         self.taps = [set().union({"logits"}, *(s.student_taps() for (i, _), s in edges.items() if i == p),
                                  *(s.teacher_taps() for (_, j), s in edges.items() if j == p)) for p in range(k)]
 
     def parameters_to_train(self):
-        return [p for p in self.model.parameters() if p.requires_grad] + [
-            p for p in self.edges.parameters() if p.requires_grad]
+        return super().parameters_to_train() + [p for p in self.edges.parameters() if p.requires_grad]
 
     def train(self) -> None:
         self.model.train()
@@ -66,12 +66,8 @@ class MutualStage:
                 logs[name] = logs.get(name, 0.0) + v / (k - 1)
         return total, {n: o["logits"] for n, o in zip(self.model.names, outs)}, logs
 
-    def extra_state(self) -> dict:
-        return {"knowledge": {k: v.detach().cpu() for k, v in self.edges.state_dict().items()}}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "knowledge" in state:
-            self.edges.load_state_dict(state["knowledge"])
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"edges": self.edges}
 
 
 class Mutual(Scheme):

@@ -48,11 +48,18 @@ class SupervisedStage:
         loss = F.cross_entropy(logits.float(), step.targets)
         return loss, logits, {"loss_ce": loss.detach()}
 
-    def extra_state(self) -> dict:
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Modules trained with the model but not part of it (adapters, exits): saved for resuming."""
         return {}
 
+    def extra_state(self) -> dict:
+        return {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+                for name, m in self.extra_modules().items()}
+
     def load_extra_state(self, state: dict) -> None:
-        pass
+        for name, module in self.extra_modules().items():
+            if name in state:
+                module.load_state_dict(state[name])
 
 
 class DistillStage(SupervisedStage):
@@ -98,12 +105,8 @@ class DistillStage(SupervisedStage):
         loss, logs = self.knowledge(s_out, t_out, step)
         return loss, s_out["logits"], logs
 
-    def extra_state(self) -> dict:
-        return {"knowledge": {k: v.detach().cpu() for k, v in self.knowledge.state_dict().items()}}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "knowledge" in state:
-            self.knowledge.load_state_dict(state["knowledge"])
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"knowledge": self.knowledge}
 
 
 class InitStage(SupervisedStage):
