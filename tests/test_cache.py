@@ -38,7 +38,7 @@ def test_second_run_reads_the_cache_and_trains_identically(compose_tiny, tmp_pat
     plain = run(cfg, run_dir=tmp_path / "plain", overrides=ov)
     n_plain = calls["n"]
     cfg, ov = compose_tiny(*base, "teacher.cache=true")
-    first = run(cfg, run_dir=tmp_path / "first", overrides=ov)
+    run(cfg, run_dir=tmp_path / "first", overrides=ov)
     n_first = calls["n"] - n_plain
     second = run(cfg, run_dir=tmp_path / "second", overrides=ov)
     n_second = calls["n"] - n_plain - n_first

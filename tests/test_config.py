@@ -1,7 +1,6 @@
 """The real configs compose as the CLI composes them; bad names are one clear line."""
 
 import pytest
-from omegaconf import OmegaConf
 
 from kdrun.config import check_overrides, compose, group_options, loss_name, _split_sweep
 from kdrun.errors import ConfigError

@@ -1,7 +1,6 @@
 """Engine pieces: checkpoints, metrics file, schedules, the model store's locking."""
 
 import csv
-import math
 import multiprocessing as mp
 import time
 from pathlib import Path

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError

@@ -14,6 +14,12 @@ from kdrun.errors import ConfigError
 Taps = Mapping[str, torch.Tensor]
 
 
+def require(ok: bool, term: str, key: str, value, rule: str) -> None:
+    """Raise the one-line ConfigError ``loss.<term>.<key>=<value> <rule>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"loss.{term}.{key}={value} {rule}")
+
+
 @dataclass
 class Step:
     """What a training step knows besides the images: labels, sample positions, progress."""

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.knowledge.adapters import Embed, full_precision
-from kdrun.knowledge.base import KnowledgeTerm, Step, Taps
-from kdrun.knowledge.features import require
+from kdrun.knowledge.base import KnowledgeTerm, Step, Taps, require
 
 log = logging.getLogger("kdrun")
 

@@ -29,7 +29,7 @@ from kdrun.knowledge.adapters import (
     full_precision,
     pool_to_common,
 )
-from kdrun.knowledge.base import KnowledgeTerm, Step, Taps
+from kdrun.knowledge.base import KnowledgeTerm, Step, Taps, require
 
 _STAGE = re.compile(r"stage(\d+)")
 
@@ -38,12 +38,6 @@ _STAGE = re.compile(r"stage(\d+)")
 def stage_names(shapes: Mapping[str, tuple]) -> list[str]:
     """The ``stageK`` taps of a shapes dict, in stage order."""
     return sorted((k for k in shapes if _STAGE.fullmatch(k)), key=lambda k: int(k[5:]))
-
-
-def require(ok: bool, term: str, key: str, value, valid: str) -> None:
-    """Raise a one-line ConfigError ``loss.<term>.<key>=<value> <valid>`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"loss.{term}.{key}={value} {valid}")
 
 
 def init_epochs_arg(term: str, value) -> int:

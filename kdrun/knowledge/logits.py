@@ -10,17 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
-from kdrun.knowledge.base import KnowledgeTerm, Step, Taps
-
-
-def check_value(ok: bool, term: str, key: str, value, rule: str) -> None:
-    """Raise the one-line ConfigError ``loss.<term>.<key>=<value> <rule>`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"loss.{term}.{key}={value} {rule}")
+from kdrun.knowledge.base import KnowledgeTerm, Step, Taps, require
 
 
 def as_bool(term: str, key: str, value) -> bool:
-    check_value(isinstance(value, bool), term, key, value, "must be true or false")
+    require(isinstance(value, bool), term, key, value, "must be true or false")
     return value
 
 
@@ -139,10 +133,10 @@ class DKD(KnowledgeTerm):
         super().__init__(weight)
         self.alpha, self.beta = float(alpha), float(beta)
         self.temperature, self.warmup = float(temperature), float(warmup)
-        check_value(self.alpha >= 0, self.name, "alpha", alpha, "must be >= 0")
-        check_value(self.beta >= 0, self.name, "beta", beta, "must be >= 0")
-        check_value(self.temperature > 0, self.name, "temperature", temperature, "must be > 0")
-        check_value(self.warmup >= 0, self.name, "warmup", warmup, "must be >= 0 (epochs; 0: no warm-up)")
+        require(self.alpha >= 0, self.name, "alpha", alpha, "must be >= 0")
+        require(self.beta >= 0, self.name, "beta", beta, "must be >= 0")
+        require(self.temperature > 0, self.name, "temperature", temperature, "must be > 0")
+        require(self.warmup >= 0, self.name, "warmup", warmup, "must be >= 0 (epochs; 0: no warm-up)")
 
     def setup(self, student_shapes, teacher_shapes, info=None) -> None:
         classes = student_shapes["logits"][0]
@@ -180,9 +174,9 @@ class DIST(KnowledgeTerm):
     def __init__(self, weight: float = 1.0, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0) -> None:
         super().__init__(weight)
         self.beta, self.gamma, self.temperature = float(beta), float(gamma), float(temperature)
-        check_value(self.beta >= 0, self.name, "beta", beta, "must be >= 0")
-        check_value(self.gamma >= 0, self.name, "gamma", gamma, "must be >= 0")
-        check_value(self.temperature > 0, self.name, "temperature", temperature, "must be > 0")
+        require(self.beta >= 0, self.name, "beta", beta, "must be >= 0")
+        require(self.gamma >= 0, self.name, "gamma", gamma, "must be >= 0")
+        require(self.temperature > 0, self.name, "temperature", temperature, "must be > 0")
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         y_s = F.softmax(s["logits"].float() / self.temperature, dim=1)

@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
-from kdrun.knowledge.base import KnowledgeTerm, Step, Taps
-from kdrun.knowledge.logits import check_value
+from kdrun.knowledge.base import KnowledgeTerm, Step, Taps, require
 
 
 def full_precision(x: torch.Tensor):
@@ -75,8 +74,8 @@ class RKD(KnowledgeTerm):
     def __init__(self, weight: float = 1.0, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
         super().__init__(weight)
         self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
-        check_value(self.distance_weight >= 0, self.name, "distance_weight", distance_weight, "must be >= 0")
-        check_value(self.angle_weight >= 0, self.name, "angle_weight", angle_weight, "must be >= 0")
+        require(self.distance_weight >= 0, self.name, "distance_weight", distance_weight, "must be >= 0")
+        require(self.angle_weight >= 0, self.name, "angle_weight", angle_weight, "must be >= 0")
 
     def student_taps(self) -> set[str]:
         return {self.tap}
@@ -224,8 +223,8 @@ class CC(KnowledgeTerm):
     def __init__(self, weight: float = 0.02, gamma: float = 0.4, order: int = 2) -> None:
         super().__init__(weight)
         self.gamma = float(gamma)
-        check_value(self.gamma > 0, self.name, "gamma", gamma, "must be > 0")
-        check_value(
+        require(self.gamma > 0, self.name, "gamma", gamma, "must be > 0")
+        require(
             isinstance(order, int) and not isinstance(order, bool) and order >= 1,
             self.name, "order", order, "must be an integer >= 1 (order of the Taylor series)",
         )
