@@ -149,7 +149,13 @@ class RunContext:
         )
         if self.world.active and bool(self.cfg.trainer.get("sync_bn", False)):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return self.place(model)
+        model = self.place(model)
+        if bool(self.cfg.trainer.get("compile", False)):
+            # compile the forwards as instance attributes: the module stays a plain nn.Module, so
+            # its checkpoints, taps and state-dict keys are unchanged
+            model.forward_taps = torch.compile(model.forward_taps, dynamic=False)
+            model.forward = torch.compile(model.forward, dynamic=False)
+        return model
 
     def place(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(self.device)
