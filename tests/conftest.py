@@ -25,6 +25,7 @@ def tiny(tmp_path, *extra: str) -> list[str]:
         "trainer.limit_train_batches=2",
         "trainer.progress=off",
         "trainer.device=cpu",
+        "trainer.amp=off",  # fp32 whatever the CPU: results are then the same on every machine
         f"paths.output_root={tmp_path / 'outputs'}",
         *extra,
     ]

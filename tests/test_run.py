@@ -178,3 +178,25 @@ def test_timm_student_by_name(compose_tiny, tmp_path):
     cfg, ov = compose_tiny("student=timm", "student.name=mobilenetv3_small_050", "loss=kd")
     summary = run(cfg, run_dir=tmp_path / "run", overrides=ov)
     assert summary["status"] == "ok" and summary["student"] == "mobilenetv3_small_050"
+
+
+def test_bf16_autocast_run_on_cpu_trains_in_bf16_with_fp32_kd_math(compose_tiny, tmp_path, monkeypatch):
+    """trainer.amp=bf16 on CPU (what amp=auto picks on a CPU with bf16 instructions): the models run in
+    bf16, the KD term gets bf16 logits and returns an fp32 loss, and the run ends ok with finite losses."""
+    from kdrun.knowledge.logits import KD
+
+    seen = []
+    forward = KD.forward
+
+    def spy(self, s, t, step):
+        out = forward(self, s, t, step)
+        seen.append((s["logits"].dtype, t["logits"].dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(KD, "forward", spy)
+    cfg, ov = compose_tiny("loss=kd+fitnet", "trainer.amp=bf16")
+    summary = run(cfg, run_dir=tmp_path / "bf16", overrides=ov)
+    assert summary["status"] == "ok" and summary["amp"] == "bf16"
+    assert seen and all(d == (torch.bfloat16, torch.bfloat16, torch.float32) for d in seen)
+    rows = [r for r in read_rows(tmp_path / "bf16" / "metrics.csv") if r["stage"] == "student"]
+    assert rows and all(math.isfinite(float(r[c])) for r in rows for c in ("loss_ce", "loss_kd", "loss_fitnet"))
