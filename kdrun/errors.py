@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 class KdrunError(Exception):
     """An error the user can fix. The CLI prints ``kdrun: error: <message>`` and no traceback."""
@@ -30,3 +32,10 @@ class CheckpointError(KdrunError):
 def choices_text(choices) -> str:
     """Render valid choices for an error message: ``a, b, c``."""
     return ", ".join(sorted(str(c) for c in choices))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is the single line ``<prog>: error: <message>`` (exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from kdrun.errors import KdrunError
-from kdrun.report.compare import OneLineParser
+from kdrun.errors import KdrunError, OneLineParser
 from kdrun.report.sweep import refresh_results
 
 PROG = "python -m kdrun.report"

@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from kdrun.engine.io import atomic_write, write_text
-from kdrun.errors import ConfigError, KdrunError
+from kdrun.errors import ConfigError, KdrunError, OneLineParser
 from kdrun.report.sweep import (
     BOOKKEEPING_KEYS,
     IDENTITY_KEYS,
@@ -37,13 +37,6 @@ DEFAULT_METRIC = "student_top1_best"
 #: never grouped by unless asked: what differs between seeds, jobs and machines rather than configs
 NOT_GROUPED = {"seed", "job", "job_dir", "source", "status", *BOOKKEEPING_KEYS}
 PLOT_HINT = "pip install 'kdrun[plot]'"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is the single line ``<prog>: error: <message>`` (exit 2)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # ---------------------------------------------------------------------------- loading

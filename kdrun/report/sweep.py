@@ -109,16 +109,20 @@ def find_job_dirs(root: str | Path) -> list[Path]:
     return found
 
 
-def _read_overrides(job_dir: Path) -> list[str] | None:
-    path = job_dir / ".hydra" / "overrides.yaml"
+def _read_yaml(path: Path) -> Any:
+    """The parsed YAML file (safe loader), or None when it is missing or unreadable."""
     if not path.is_file():
         return None
     import yaml
 
     try:
-        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except (OSError, yaml.YAMLError):
         return None
+
+
+def _read_overrides(job_dir: Path) -> list[str] | None:
+    data = _read_yaml(job_dir / ".hydra" / "overrides.yaml")
     return [str(x) for x in data] if isinstance(data, list) else None
 
 
@@ -177,16 +181,14 @@ def read_job(job_dir: str | Path) -> JobRow | None:
 # ---------------------------------------------------------------------------- table
 def swept_keys(sweep_dir: str | Path) -> list[str] | None:
     """The keys a multirun swept (several values), from Hydra's ``multirun.yaml``; None without one."""
-    path = Path(sweep_dir) / "multirun.yaml"
-    if not path.is_file():
-        return None
-    import yaml
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    data = _read_yaml(Path(sweep_dir) / "multirun.yaml")
+    if data is None:
+        return None
     try:
-        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         task = data["hydra"]["overrides"]["task"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
     parser = OverridesParser.create()
     keys = []

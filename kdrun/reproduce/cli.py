@@ -18,17 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kdrun.errors import ConfigError, KdrunError
+from kdrun.errors import ConfigError, KdrunError, OneLineParser
 from kdrun.reproduce import catalog, report
 from kdrun.reproduce import plan as planning
 from kdrun.reproduce import published as published_numbers
 
 PROG = "reproduce"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _positive(flag: str):
@@ -45,7 +40,7 @@ def _positive(flag: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Reproduce the published CIFAR-100 distillation tables with kdrun.")
+    p = OneLineParser(prog=PROG, description="Reproduce the published CIFAR-100 distillation tables with kdrun.")
     p.add_argument("--pairs", default="all", help="comma-separated pairs, or all (default): "
                    + ", ".join(catalog.PAIR_ORDER))
     p.add_argument("--methods", default="all", help="comma-separated methods, or all (default): "

@@ -37,6 +37,15 @@ def default_text() -> str:
     return resources.files("kdrun.reproduce").joinpath(FILE_NAME).read_text(encoding="utf-8")
 
 
+def _optional(text: str, cast, what: str, kind: str):
+    """``cast(text)``, or None for an empty cell; a bad value is a ConfigError ``<what> '<text>' is not <kind>``."""
+    text = text.strip()
+    try:
+        return cast(text) if text else None
+    except ValueError:
+        raise ConfigError(f"{what} '{text}' is not {kind}") from None
+
+
 def parse(text: str, where: str = FILE_NAME) -> dict[tuple[str, str], Published]:
     """(method, pair) -> row; a malformed file is one ConfigError naming the line and the value."""
     reader = csv.DictReader(io.StringIO(text))
@@ -47,21 +56,13 @@ def parse(text: str, where: str = FILE_NAME) -> dict[tuple[str, str], Published]
         method, pair = r["method"].strip(), r["pair"].strip()
         if not method or not pair:
             raise ConfigError(f"{where}:{line}: method and pair must not be empty")
-        top1 = r["top1"].strip()
-        try:
-            value = float(top1) if top1 else None
-        except ValueError:
-            raise ConfigError(f"{where}:{line}: top1 '{top1}' is not a number") from None
+        value = _optional(r["top1"], float, f"{where}:{line}: top1", "a number")
         if value is not None and not 0.0 <= value <= 100.0:
             raise ConfigError(f"{where}:{line}: top1 {value} is outside [0, 100]")
         kind = r["epoch_kind"].strip()
         if kind not in EPOCH_KINDS:
             raise ConfigError(f"{where}:{line}: epoch_kind '{kind}'; valid: {', '.join(EPOCH_KINDS)}")
-        runs_text = r["runs"].strip()
-        try:
-            runs = int(runs_text) if runs_text else None
-        except ValueError:
-            raise ConfigError(f"{where}:{line}: runs '{runs_text}' is not an integer") from None
+        runs = _optional(r["runs"], int, f"{where}:{line}: runs", "an integer")
         if not r["source"].strip():
             raise ConfigError(f"{where}:{line}: source is empty (every number needs one)")
         if (method, pair) in rows:
