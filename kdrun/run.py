@@ -201,7 +201,7 @@ class RunContext:
 
     def new_knowledge(self, student, teacher) -> KnowledgeSet:
         """A fresh knowledge set from cfg.loss (own adapters) set up for this student/teacher edge."""
-        knowledge = build_knowledge(self.cfg.loss)
+        knowledge = build_knowledge(self.cfg.loss, self.cfg.get("ce_weight", "auto"))
         self.setup_knowledge(knowledge, student, teacher)
         return knowledge
 
@@ -430,10 +430,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
             summary["world_size"] = world.size
         amp_dtype = resolve_amp(cfg.trainer.amp, device)
         summary.update({"device": str(device), "amp": amp_name(amp_dtype)})
-        knowledge = build_knowledge(cfg.loss if summary["scheme"] != "baseline" else {})
+        knowledge = build_knowledge(cfg.loss if summary["scheme"] != "baseline" else {}, cfg.get("ce_weight", "auto"))
         scheme = instantiate(cfg.scheme)
         scheme.validate(cfg)
         log.info("run dir: %s", run_dir)
+        if knowledge.terms:
+            summary["loss_formula"] = knowledge.formula()
+            log.info("loss = %s", summary["loss_formula"])
         data = build_data(
             cfg.dataset, batch_size=int(cfg.trainer.batch_size), eval_batch_size=int(cfg.trainer.eval_batch_size),
             device=device, seed=int(cfg.seed), channels_last=bool(cfg.trainer.channels_last),

@@ -62,6 +62,29 @@ def test_knowledge_set_hinton_mix():
     assert KnowledgeSet({}).ce_weight == 1.0
 
 
+def test_explicit_ce_and_kd_weights_give_published_recipes():
+    torch.manual_seed(2)
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    y = torch.randint(0, 5, (6,))
+    ce, kd = F.cross_entropy(s, y).item(), kd_divergence(s, t, 2.0).item()
+    # LSKD: CE 0.1, KD x9 (alpha stays at its default and no longer weighs KD)
+    lskd = KnowledgeSet({"kd": KD(temperature=2.0, weight=9.0)}, ce_weight=0.1)
+    assert lskd({"logits": s}, {"logits": t}, Step(y))[0].item() == pytest.approx(0.1 * ce + 9 * kd, rel=1e-5)
+    assert lskd.formula() == "0.1*ce + 9*kd"
+    # loss.kd.weight alone: CE still follows alpha (auto)
+    assert KnowledgeSet({"kd": KD(alpha=0.9, weight=1.0)}).ce_weight == pytest.approx(0.1)
+    # RepDistiller's +KD rows: CE 1, KD 1
+    both = KnowledgeSet({"kd": KD(temperature=2.0, weight=1.0)}, ce_weight=1)
+    assert both({"logits": s}, {"logits": t}, Step(y))[0].item() == pytest.approx(ce + kd, rel=1e-5)
+    assert KnowledgeSet({"kd": KD()}, ce_weight=0).formula() == "0.9*kd"
+
+
+@pytest.mark.parametrize("bad", ["-1", "abc", "nan", "inf"])
+def test_ce_weight_rejects_bad_values(bad):
+    with pytest.raises(ConfigError, match=f"ce_weight={bad} must be auto or"):
+        KnowledgeSet({}, ce_weight=bad)
+
+
 def test_fitnet_value_gradients_and_shapes():
     torch.manual_seed(0)
     term = FitNet(weight=100.0)

@@ -53,6 +53,11 @@ class KnowledgeTerm(nn.Module):
             raise ConfigError(f"loss.{self.name}.weight={weight} must be >= 0")
         self.weight = weight
 
+    def requested_ce_weight(self) -> float | None:
+        """The label cross-entropy weight this term asks for when ``ce_weight=auto`` (None: no
+        opinion). KD's Hinton mix asks for ``1 - alpha``."""
+        return None
+
     def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
         """What the initialisation stage trains. Default: the term's own adapters and every
         student parameter but the classifier's (the student's feature layers)."""
@@ -79,6 +84,20 @@ class KnowledgeTerm(nn.Module):
         raise NotImplementedError
 
 
+def resolve_ce_weight(value, terms) -> float:
+    """``ce_weight`` as a number: ``auto`` takes the first selected term's request (KD: 1 - alpha), else 1."""
+    if value is None or str(value) == "auto":
+        asked = [w for w in (t.requested_ce_weight() for t in terms) if w is not None]
+        return float(asked[0]) if asked else 1.0
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"ce_weight={value} must be auto or a number >= 0") from None
+    if not weight >= 0 or weight == float("inf"):
+        raise ConfigError(f"ce_weight={value} must be auto or a finite number >= 0")
+    return weight
+
+
 def check_taps(term: KnowledgeTerm, side: str, needed: set[str], shapes: Mapping[str, tuple]) -> None:
     missing = sorted(needed - set(shapes))
     if missing:
@@ -91,17 +110,23 @@ def check_taps(term: KnowledgeTerm, side: str, needed: set[str], shapes: Mapping
 class KnowledgeSet(nn.Module):
     """The selected terms plus label cross-entropy, summed with their weights.
 
-    Cross-entropy weight: 1 - loss.kd.alpha when `kd` is selected (Hinton's mix), else 1.
-    ``forward`` returns the total loss and ``{"loss_ce": .., "loss_<term>": ..}``, each entry the
-    term's weighted contribution to the total (detached).
+    ``total = ce_weight * CE(student logits, labels) + sum_term term.weight * term(...)``.
+    ``ce_weight="auto"``: the weight a selected term asks for (:meth:`KnowledgeTerm.requested_ce_weight`; KD's
+    ``1 - alpha``), else 1. A number sets it outright (0: no label loss, e.g. a set that only adds
+    terms to another set's loss). ``forward`` returns the total loss and ``{"loss_ce": ..,
+    "loss_<term>": ..}``, each entry the term's weighted contribution to the total (detached).
     """
 
-    def __init__(self, terms: Mapping[str, KnowledgeTerm], ce: bool = True) -> None:
-        """``ce=False``: no label cross-entropy (a set that adds terms to another set's loss)."""
+    def __init__(self, terms: Mapping[str, KnowledgeTerm], ce_weight: float | str = "auto") -> None:
         super().__init__()
         self.terms = nn.ModuleDict(dict(terms))
-        kd = self.terms["kd"] if "kd" in self.terms else None
-        self.ce_weight = (1.0 - kd.weight if kd is not None else 1.0) if ce else 0.0
+        self.ce_weight = resolve_ce_weight(ce_weight, self.terms.values())
+
+    def formula(self) -> str:
+        """The total loss in words, e.g. ``0.1*ce + 0.9*kd + 0.8*crd`` (logged at start-up)."""
+        parts = [f"{self.ce_weight:g}*ce"] if self.ce_weight else []
+        parts += [f"{t.weight:g}*{name}" for name, t in self.terms.items()]
+        return " + ".join(parts) or "0"
 
     def student_taps(self) -> set[str]:
         return set().union({"logits"}, *(t.student_taps() for t in self.terms.values()))

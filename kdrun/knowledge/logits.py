@@ -38,8 +38,10 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 class KD(KnowledgeTerm):
     """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network".
 
-    ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, batch mean. The weight is ``alpha`` and
-    label cross-entropy gets ``1 - alpha``.
+    ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, batch mean. Hinton's mix: the weight is
+    ``alpha`` and label cross-entropy gets ``1 - alpha`` (under the root ``ce_weight=auto``).
+    ``weight`` set explicitly replaces alpha as this term's weight (RepDistiller's ``-a``, LSKD's
+    ``--kd-weight``); the CE weight then still follows alpha unless ``ce_weight`` is given.
 
     ``standardize=True``: logit standardisation of Sun et al., CVPR 2024, "Logit Standardization in
     Knowledge Distillation": both networks' logits are z-scored per sample,
@@ -49,15 +51,20 @@ class KD(KnowledgeTerm):
 
     name = "kd"
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, standardize: bool = False) -> None:
+    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, standardize: bool = False,
+                 weight: float | None = None) -> None:
         alpha, temperature = float(alpha), float(temperature)
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"loss.kd.alpha={alpha} is outside [0, 1]")
         if temperature <= 0:
             raise ConfigError(f"loss.kd.temperature={temperature} must be > 0")
-        super().__init__(weight=alpha)
+        super().__init__(weight=alpha if weight is None else weight)
+        self.alpha = alpha
         self.temperature = temperature
         self.standardize = as_bool(self.name, "standardize", standardize)
+
+    def requested_ce_weight(self) -> float:
+        return 1.0 - self.alpha
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         z_s, z_t = s["logits"], t["logits"].detach()

@@ -135,7 +135,7 @@ class Byot(Scheme):
         exits = ctx.place(nn.ModuleList(ShallowExit(shapes[t], shapes[deep], n_cls) for t in shallow))
         exit_sets = []
         for _ in shallow:
-            kset = build_knowledge(cfg.loss)
+            kset = build_knowledge(cfg.loss, cfg.get("ce_weight", "auto"))
             kset.setup({"logits": shapes["logits"]}, {"logits": shapes["logits"]}, ctx.data.info)
             exit_sets.append(ctx.place(kset))
         stage = ByotStage(student, exits, shallow, deep, exit_sets, self.feature_weight)

@@ -156,13 +156,13 @@ class MultiTeacher(Scheme):
         student = ctx.build_model(cfg.student)
         s_shapes = ctx.shapes(student)
         logit_terms = {n: t for n, t in build_knowledge(cfg.loss).terms.items() if is_logit_term(t)}
-        logit_set = KnowledgeSet(logit_terms)
+        logit_set = KnowledgeSet(logit_terms, cfg.get("ce_weight", "auto"))
         logit_set.setup(s_shapes, {"logits": s_shapes["logits"]}, ctx.data.info)
         ctx.place(logit_set)
         feature_sets = []
         for teacher in teachers:
             terms = {n: t for n, t in build_knowledge(cfg.loss).terms.items() if not is_logit_term(t)}
-            fset = KnowledgeSet(terms, ce=False)
+            fset = KnowledgeSet(terms, ce_weight=0)
             fset.setup(s_shapes, ctx.shapes(teacher), ctx.data.info)
             feature_sets.append(ctx.place(fset))
         stage = MultiTeacherStage(student, teachers, logit_set, feature_sets, self.aggregation, self.weights)
