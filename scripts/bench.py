@@ -47,7 +47,7 @@ class PeakMemory:
     """Peak memory during a block: CUDA allocator peak, or the process's resident set sampled every 5 ms."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.peak, self._stop = device, 0, threading.Event()
+        self.device, self.peak, self.start, self._stop = device, 0, 0, threading.Event()
 
     @staticmethod
     def rss() -> int:
@@ -61,8 +61,9 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
         else:
-            self.peak = self.rss()
+            self.peak = self.start = self.rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -76,6 +77,10 @@ class PeakMemory:
 
     def mib(self) -> float:
         return self.peak / 2**20
+
+    def grown_mib(self) -> float:
+        """How far the block raised memory above where it started."""
+        return (self.peak - self.start) / 2**20
 
 
 def synthetic_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +160,49 @@ def kdrun_loop(npz: Path, batch: int, steps: int, warmup: int, device: torch.dev
     return fit.history[-1]["images_per_second"], amp_name(amp_dtype)
 
 
+# ---------------------------------------------------------------------------------------------- eval
+def plain_eval(x: np.ndarray, model: torch.nn.Module, device: torch.device, batch: int = 256) -> float:
+    """Images/s of the published codebases' evaluation: ToTensor + Normalize per image, no_grad forward."""
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(x), batch):
+            images = torch.stack([tf(img) for img in x[start:start + batch]]).to(device)
+            _ = model(images).argmax(1).cpu()
+    return len(x) / (time.perf_counter() - t0)
+
+
+def kdrun_eval(npz: Path, model: torch.nn.Module, device: torch.device, amp: str) -> float:
+    """Images/s of kdrun's Trainer.evaluate over the whole test split of ``npz`` (top-1, top-5, loss)."""
+    cfg = compose(["dataset=npz", f"dataset.path={npz}", f"trainer.amp={amp}", "trainer.progress=off"])
+    data = build_data(cfg.dataset, batch_size=64, eval_batch_size=int(cfg.trainer.eval_batch_size), device=device,
+                      seed=0, channels_last=bool(cfg.trainer.channels_last))
+    trainer = Trainer(cfg, data, device, resolve_amp(cfg.trainer.amp, device))
+    model = model.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    trainer.evaluate(model)
+    return data.info.n_test / (time.perf_counter() - t0)
+
+
+def eval_benchmark(arch: str, n_test: int, device: torch.device, amp: str, tmp: Path) -> None:
+    """Throughput and peak memory of a full-test-set evaluation, the plain loop against kdrun's."""
+    xt, yt = synthetic_images(n_test, seed=2)
+    npz = tmp / "eval.npz"
+    np.savez(npz, x_train=xt[:256], y_train=yt[:256], x_test=xt, y_test=yt)
+    torch.manual_seed(0)
+    model = create_model(arch, 100).to(device)
+    with PeakMemory(device) as mem_a:
+        ref = plain_eval(xt, model, device)
+    with PeakMemory(device) as mem_b:
+        own = kdrun_eval(npz, model, device, amp)
+    print(f"eval {arch} on {n_test} images  reference {ref:7.1f} img/s (peak {mem_a.mib():.0f} MiB, "
+          f"+{mem_a.grown_mib():.0f})   kdrun {own:7.1f} img/s (peak {mem_b.mib():.0f} MiB, +{mem_b.grown_mib():.0f})"
+          f"   x{own / ref:.2f}")
+
+
 # ---------------------------------------------------------------------------------------------- (c)
 def sweep_cache(npz: Path, batch: int, steps: int, out: Path) -> tuple[float, float]:
     """Wall seconds of the student stage of two runs of a sweep with teacher.cache=true."""
@@ -218,6 +266,7 @@ def main(argv=None) -> None:
             print(f"batch {batch:4d}  reference {ref:7.1f} img/s (peak {mem_a.mib():.0f} MiB)   "
                   f"kdrun {own:7.1f} img/s (amp {amp}, peak {mem_b.mib():.0f} MiB)   x{own / ref:.2f}"
                   f"   (medians of {args.rounds} alternating rounds)")
+        eval_benchmark("resnet20" if args.quick else "resnet56", 10000, device, args.amp, Path(tmp))
         if args.sweep:
             first, second = sweep_cache(npz, args.batch, steps, Path(tmp))
             print(f"sweep with teacher.cache=true: first run {first:.1f} s, second run {second:.1f} s "

@@ -94,7 +94,6 @@ class Trainer:
         limit = self.tcfg.limit_train_batches
         return min(steps, int(limit)) if limit is not None else steps
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:
         """Test loss, top-1 and top-5 (percent) of ``model`` on the test split.
 
@@ -104,7 +103,10 @@ class Trainer:
         scores = self._evaluate_outputs(model)
         return scores[None] if list(scores) == [None] else scores
 
+    @torch.inference_mode()
     def _evaluate_outputs(self, model: nn.Module) -> dict:
+        """Every evaluation (per epoch in :meth:`fit`, or of a trained model) runs here, under
+        inference mode: no autograd graph is kept, so scoring 10,000 images costs one batch's memory."""
         was_training = model.training
         model.eval()
         limit = self.tcfg.limit_eval_batches
