@@ -29,6 +29,14 @@ class CheckpointError(KdrunError):
     exit_code = 2
 
 
+class DivergedError(KdrunError):
+    """Training diverged (non-finite weights, outputs or loss, or an exploding loss): the run's
+    status is ``diverged``; the checkpoints keep the last finite epoch."""
+
+    exit_code = 1
+    status = "diverged"
+
+
 def choices_text(choices) -> str:
     """Render valid choices for an error message: ``a, b, c``."""
     return ", ".join(sorted(str(c) for c in choices))

@@ -31,7 +31,7 @@ from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.progress import progress_enabled
 from kdrun.engine.store import MODEL_FILE, ModelStore
 from kdrun.engine.trainer import FitResult, Trainer
-from kdrun.errors import ConfigError, KdrunError
+from kdrun.errors import ConfigError, DivergedError, KdrunError
 from kdrun.knowledge import KnowledgeSet, build_knowledge
 from kdrun.models import count_macs, count_params, create_model, tap_shapes
 
@@ -324,14 +324,19 @@ class RunContext:
             sinks = [MetricsWriter(entry_dir / "metrics.csv"), self.metrics] if writes else []
             ckpts = entry_dir / "checkpoints" if writes else None
             resume = not self.world.active  # ranks could not agree on where a resumed training stands
-            if teacher is None:
-                fit = self.trainer.fit(
-                    SupervisedStage(fresh, role), epochs=epochs, lr=recipe["lr"],
-                    ckpt_dir=ckpts, metrics=sinks, resume=resume, label=what,
-                )
-            else:
-                fit = self.distill(fresh, teacher, node, name=role, epochs=epochs,
-                                   ckpt_dir=ckpts, metrics=sinks, resume=resume, label=what)
+            try:
+                if teacher is None:
+                    fit = self.trainer.fit(
+                        SupervisedStage(fresh, role), epochs=epochs, lr=recipe["lr"],
+                        ckpt_dir=ckpts, metrics=sinks, resume=resume, label=what,
+                    )
+                else:
+                    fit = self.distill(fresh, teacher, node, name=role, epochs=epochs,
+                                       ckpt_dir=ckpts, metrics=sinks, resume=resume, label=what)
+            except DivergedError as exc:
+                if writes:  # the entry holds no model.pt: never reused; its summary says why
+                    write_json(entry_dir / "summary.json", {"status": exc.status, "error": str(exc), "recipe": recipe})
+                raise
             if not writes:
                 return {}
             summary = {"status": "ok", "model": str(node.name), "role": role, **fit.as_summary("model"),
@@ -400,7 +405,7 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
 
 # ---------------------------------------------------------------------------- run
 def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[str] | None = None) -> dict:
-    """Run one experiment; always writes ``summary.json`` (status ok or failed) in ``run_dir``."""
+    """Run one experiment; always writes ``summary.json`` (status ok, failed or diverged) in ``run_dir``."""
     world = dist.env_world()
     if not world.is_main:  # under torchrun only rank 0 writes; the others work in a scratch dir
         run_dir = Path(tempfile.mkdtemp(prefix=f"kdrun-rank{world.rank}-"))
@@ -450,7 +455,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
             summary[f"{role}_source"] = src
         summary["status"] = "ok"
     except BaseException as exc:
-        summary["status"] = "failed"
+        summary["status"] = getattr(exc, "status", "failed")
         if isinstance(exc, KeyboardInterrupt):
             summary["error"] = "interrupted"
         elif isinstance(exc, KdrunError):

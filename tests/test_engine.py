@@ -166,3 +166,28 @@ def test_every_evaluation_runs_without_autograd(tmp_path):
     trainer.evaluate(model)
     assert model.eval_forwards == 3 * 3  # 3 test batches per evaluation: 2 epochs + 1 final
     assert model.eval_outputs_with_grad == 0
+
+
+def test_divergence_keeps_the_last_finite_checkpoint(tmp_path):
+    """A loss that explodes in epoch 2 ends the stage there; last/best stay at epoch 1."""
+    from kdrun.config import compose
+    from kdrun.data import build_data
+    from kdrun.engine.trainer import Trainer
+    from kdrun.errors import DivergedError
+    from kdrun.models import create_model
+    from kdrun.schemes.stages import SupervisedStage
+
+    class Exploding(SupervisedStage):
+        def training_step(self, x, step):
+            loss, logits, logs = super().training_step(x, step)
+            return (loss * 1e6 if step.epoch >= 1 else loss), logits, logs
+
+    cfg = compose(["dataset=synthetic", "dataset.n_train=64", "dataset.n_test=32", "dataset.image_size=16",
+                   "trainer.progress=off"])
+    data = build_data(cfg.dataset, batch_size=16, eval_batch_size=32, device="cpu", seed=0)
+    model = create_model("resnet8", 10, 3, 16)
+    trainer = Trainer(cfg, data, torch.device("cpu"), None)
+    with pytest.raises(DivergedError, match=r"student: training diverged in epoch 2 \(loss exploded"):
+        trainer.fit(Exploding(model), epochs=3, lr=1e-3, ckpt_dir=tmp_path)
+    assert read_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert read_checkpoint(tmp_path / "best.pt")["epoch"] == 1

@@ -200,3 +200,26 @@ def test_bf16_autocast_run_on_cpu_trains_in_bf16_with_fp32_kd_math(compose_tiny,
     assert seen and all(d == (torch.bfloat16, torch.bfloat16, torch.float32) for d in seen)
     rows = [r for r in read_rows(tmp_path / "bf16" / "metrics.csv") if r["stage"] == "student"]
     assert rows and all(math.isfinite(float(r[c])) for r in rows for c in ("loss_ce", "loss_kd", "loss_fitnet"))
+
+
+def test_divergence_ends_the_run_with_status_diverged(compose_tiny, tmp_path):
+    from kdrun.errors import DivergedError
+
+    cfg, ov = compose_tiny("scheme=baseline", "optim.lr=1e6")
+    with pytest.raises(DivergedError, match=r"student: training diverged in epoch 1 \(.*lower its learning rate"):
+        run(cfg, run_dir=tmp_path / "run", overrides=ov)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "optim.lr" in summary["error"]
+    assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()  # nothing finite to keep
+
+
+def test_a_diverged_teacher_never_lands_in_the_store(compose_tiny, tmp_path):
+    from kdrun.errors import DivergedError
+
+    cfg, ov = compose_tiny("teacher.lr=1e6")
+    with pytest.raises(DivergedError, match="teacher resnet8: training diverged"):
+        run(cfg, run_dir=tmp_path / "run", overrides=ov)
+    store = tmp_path / "outputs" / "teachers"
+    assert not list(store.rglob("model.pt"))
+    (entry_summary,) = store.rglob("summary.json")
+    assert json.loads(entry_summary.read_text())["status"] == "diverged"

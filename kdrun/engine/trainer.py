@@ -25,12 +25,14 @@ from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.progress import EpochProgress
 from kdrun.engine.schedule import LRSchedule, build_optimizer
-from kdrun.errors import KdrunError
+from kdrun.errors import DivergedError
 from kdrun.knowledge.base import Step
 
 log = logging.getLogger("kdrun")
 
 NO_SCORE = {"test_loss": float("nan"), "test_top1": float("nan"), "test_top5": float("nan")}
+#: a step loss this many times the stage's first step loss (and above it as a number) means divergence
+EXPLODING = 1e4
 
 
 class Stage(Protocol):
@@ -173,6 +175,7 @@ class Trainer:
                 m.truncate(stage.name, start)
             log.info("%s: resuming after epoch %d from %s", label, start, last_path)
         log_every = max(1, int(self.tcfg.log_every))
+        first_loss = None
 
         with EpochProgress(self.progress) as bar:
             for epoch in range(start, epochs):
@@ -180,6 +183,7 @@ class Trainer:
                 bar.start(f"{label} {epoch + 1}/{epochs}", steps)
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=self.device)
+                loss_max = torch.zeros((), device=self.device)
                 correct: dict = {}
                 term_sums: dict[str, torch.Tensor] = {}
                 seen = 0
@@ -210,6 +214,9 @@ class Trainer:
                     b = y.shape[0]
                     seen += b
                     loss_sum += loss.detach().float() * b
+                    loss_max = torch.maximum(loss_max, loss.detach().float())
+                    if first_loss is None:
+                        first_loss = loss.detach().float().clone()
                     for name, out in (logits.items() if isinstance(logits, dict) else [(None, logits)]):
                         hits = (out.detach().argmax(dim=1) == y).sum()
                         correct[name] = correct[name] + hits if name in correct else hits
@@ -226,16 +233,15 @@ class Trainer:
                 if world.active:
                     seen = self._reduce_epoch(stage, world, seen, loss_sum, correct, term_sums)
                 train_loss = loss_sum.item() / max(seen, 1)
-                if not math.isfinite(train_loss):
-                    raise KdrunError(
-                        f"{label}: training diverged (train loss {train_loss}) in epoch {epoch + 1}; "
-                        "lower optim.lr or a loss weight, or try trainer.amp=off"
-                    )
+                self._check_divergence(label, epoch, lr, params, train_loss, loss_max, first_loss)
                 base = {"stage": stage.name, "epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss}
                 base.update({k: v.item() / max(seen, 1) for k, v in term_sums.items()})
                 every = max(1, int(self.tcfg.eval_every)) if getattr(stage, "eval_each_epoch", True) else epochs
                 if epoch + 1 == epochs or (epoch + 1) % every == 0:
                     scores = self._evaluate_outputs(stage.eval_model() if hasattr(stage, "eval_model") else stage.model)
+                    bad = [n for n, sc in scores.items() if not math.isfinite(sc["test_loss"])]
+                    if bad:
+                        self._diverged(label, epoch, lr, "non-finite outputs on the test split")
                 else:
                     scores = {name: dict(NO_SCORE) for name in correct}
                 rows = []
@@ -264,6 +270,27 @@ class Trainer:
             ips = [r["images_per_second"] for r in result.history]
             result.images_per_second = sum(ips) / len(ips)
         return result
+
+    # ------------------------------------------------------------------ divergence
+    def _check_divergence(self, label, epoch, lr, params, train_loss, loss_max, first_loss) -> None:
+        """End the stage (DivergedError) on a non-finite loss or weight, or a loss that exploded;
+        called before the epoch's checkpoint is written, so the checkpoints keep the last finite epoch."""
+        if not math.isfinite(train_loss):
+            self._diverged(label, epoch, lr, f"train loss {train_loss}")
+        if first_loss is not None:
+            peak, first = loss_max.item(), first_loss.item()
+            if peak > EXPLODING * max(first, 1.0):
+                self._diverged(label, epoch, lr, f"loss exploded from {first:.4g} to {peak:.3g}")
+        finite = torch.stack([p.detach().isfinite().all() for p in params]).all() if params else torch.tensor(True)
+        if not bool(finite):
+            self._diverged(label, epoch, lr, "non-finite weights")
+
+    def _diverged(self, label, epoch, lr, reason) -> None:
+        amp = ", or try trainer.amp=off" if self.amp_dtype is not None else ""
+        raise DivergedError(
+            f"{label}: training diverged in epoch {epoch + 1} ({reason}); lower its learning rate "
+            f"(lr {lr:g}: optim.lr, or teacher.lr / student.lr) or a loss weight{amp}"
+        )
 
     # ------------------------------------------------------------------ bookkeeping
     def _reduce_epoch(self, stage, world, seen, loss_sum, correct, term_sums) -> int:
