@@ -553,3 +553,23 @@ def test_train_batches_with_index_give_each_sample_position():
     plain = [y for _, y in data.train_batches(2)]
     assert torch.equal(torch.cat(plain), data._y_train[torch.cat(seen)])
     assert len(set(torch.cat(seen).tolist())) == torch.cat(seen).numel()  # each sample at most once
+
+
+def test_info_gives_each_training_position_its_label_on_the_cpu(tmp_path):
+    data = build_data(small_synthetic(train_subset=60), batch_size=16, seed=3)
+    labels = data.info.train_labels
+    assert labels.dtype == torch.int64 and labels.device.type == "cpu" and labels.shape == (60,)
+    assert torch.bincount(labels, minlength=10).tolist() == [6] * 10  # the stratified subset's labels
+    for _, y, index in data.train_batches(1, with_index=True):
+        assert torch.equal(y.cpu(), labels[index.cpu()])
+    assert "train_labels" not in repr(data.info) and "tensor" not in repr(data.info)  # cheap to print
+    assert data.info == build_data(small_synthetic(train_subset=60), batch_size=16, seed=3).info
+    # the image-folder module gives them too (after its own subset)
+    root = make_image_tree(tmp_path / "imgs", n_train=4, n_val=1)
+    folder = build_data({"name": "imagefolder", "root": str(root), "image_size": 8, "num_workers": 0,
+                         "train_subset": 9, "mean": [0.5] * 3, "std": [0.25] * 3}, batch_size=4, seed=2)
+    labels = folder.info.train_labels
+    assert labels.dtype == torch.int64 and labels.shape == (9,)
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for _, y, index in folder.train_batches(0, with_index=True):
+        assert torch.equal(y.cpu(), labels[index.cpu()])

@@ -43,7 +43,7 @@ from kdrun.models import create_model, tap_shapes
 from kdrun.run import run
 from kdrun.schemes.stages import InitStage
 
-INFO = SimpleNamespace(n_train=32, num_classes=10)
+INFO = SimpleNamespace(n_train=32, num_classes=10, train_labels=torch.arange(32) % 10)
 
 # a student with 2 stages and a teacher with 3, of other widths and sizes: the last two teacher
 # stages pair with the student's two, and every pair needs pooling (8x8 vs 4x4, 4x4 vs 2x2)
@@ -104,6 +104,27 @@ def test_terms_on_preact_taps_name_themselves_for_models_without_them():
     for term in (AB(), OFD()):
         with pytest.raises(ConfigError, match=rf"loss\.{term.name} reads pre-activation taps"):
             KnowledgeSet({term.name: term}).setup(timm_like, T_SHAPES, INFO)
+
+
+# ---------------------------------------------------------------------------- FitNet
+def test_fitnet_regressor_conv_follows_the_spatial_sizes():
+    def regressor(s_hw, t_hw):
+        term = FitNet()
+        term.setup({"stage2": (3, s_hw, s_hw)}, {"stage2": (5, t_hw, t_hw)})
+        out = term.regressor(torch.randn(2, 3, s_hw, s_hw))
+        assert out.shape == (2, 5, t_hw, t_hw) and (out >= 0).all()  # BN + ReLU
+        conv = term.regressor.conv
+        return type(conv).__name__, conv.kernel_size, conv.stride, conv.bias is not None
+
+    assert regressor(8, 8) == ("Conv2d", (1, 1), (1, 1), True)
+    assert regressor(8, 4) == ("Conv2d", (3, 3), (2, 2), True)
+    assert regressor(4, 8) == ("ConvTranspose2d", (4, 4), (2, 2), True)
+    assert regressor(8, 2) == ("Conv2d", (7, 7), (1, 1), True)  # 1 + 8 - 2
+    assert regressor(2, 8) == ("Conv2d", (1, 1), (1, 1), True)  # upsampled first (kdrun extension)
+    term = built("fitnet")
+    s, t = make_taps(S_SHAPES), make_taps(T_SHAPES, seed=1)
+    want = F.mse_loss(term.regressor(s["stage2"]), t["stage2"])  # stage2 on both sides
+    assert term(s, t, step()).item() == pytest.approx(want.item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------- AT
@@ -187,6 +208,11 @@ def test_ab_margin_loss_closed_form():
 
 def test_ab_term_applies_connectors_layer_weights_and_scale():
     term = built("ab")
+    # connectors: conv + BN without ReLU (stride-2 3x3 here: the student maps are twice as large)
+    assert all(not c.relu and c.conv.stride == (2, 2) for c in term.connectors)
+    same = AB()
+    same.setup(S_SHAPES, S_SHAPES)  # identical shapes: identity connectors
+    assert all(isinstance(c, torch.nn.Identity) for c in same.connectors)
     s, t = make_taps(S_SHAPES), make_taps(T_SHAPES, seed=1)
     expected = 0.0
     for j, ((sk, tk), conn) in enumerate(zip(term.pairs, term.connectors)):
@@ -202,11 +228,22 @@ def test_ab_term_applies_connectors_layer_weights_and_scale():
 def test_factor_transfer_loss_closed_form_and_normalisation():
     fs = torch.tensor([3.0, 4.0]).view(1, 1, 1, 2)
     ft = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    # whole factor (the paper's form):
     # [0.6, 0.8] - [1, 0] -> |.| = [0.4, 0.8], mean 0.6 (p=1); squares 0.16, 0.64 -> 0.4 (p=2)
-    assert factor_transfer_loss(fs, ft, 1).item() == pytest.approx(0.6)
-    assert factor_transfer_loss(fs, ft, 2).item() == pytest.approx(0.4)
+    assert factor_transfer_loss(fs, ft, 1, factor="whole").item() == pytest.approx(0.6)
+    assert factor_transfer_loss(fs, ft, 2, factor="whole").item() == pytest.approx(0.4)
     f = torch.randn(2, 3, 2, 2)
-    assert factor_transfer_loss(2.5 * f, f).item() == pytest.approx(0.0, abs=1e-7)
+    assert factor_transfer_loss(2.5 * f, f, factor="whole").item() == pytest.approx(0.0, abs=1e-7)
+    # default: channel mean of squares, then normalised. Student channels [1, 0] and [1, 2] ->
+    # [1, 2] / sqrt(5); teacher's one channel [2, 0] -> [4, 0] -> [1, 0]
+    fs2 = torch.tensor([[1.0, 0.0], [1.0, 2.0]]).view(1, 2, 1, 2)
+    d = [1 - 1 / math.sqrt(5), 2 / math.sqrt(5)]
+    assert factor_transfer_loss(fs2, ft, 1).item() == pytest.approx(sum(d) / 2, rel=1e-6)
+    assert factor_transfer_loss(fs2, ft, 2).item() == pytest.approx((d[0] ** 2 + d[1] ** 2) / 2, rel=1e-6)
+    # blind to a scale and a sign of either factor, and to channels being permuted
+    assert factor_transfer_loss(-2.5 * f, f).item() == pytest.approx(0.0, abs=1e-7)
+    assert factor_transfer_loss(f.flip(1), f).item() == pytest.approx(0.0, abs=1e-7)
+    assert factor_transfer_loss(fs, ft, 1).item() > 0
 
 
 def test_ft_init_stage_trains_only_the_paraphraser_on_reconstruction():
@@ -218,15 +255,36 @@ def test_ft_init_stage_trains_only_the_paraphraser_on_reconstruction():
     s, t = make_taps(S_SHAPES), make_taps(T_SHAPES, seed=1)
     rec = term.paraphraser.decoder(term.paraphraser.encoder(t["stage3"]))
     assert term.init_loss(s, t, step()).item() == pytest.approx(F.mse_loss(rec, t["stage3"]).item(), rel=1e-6)
-    # main stage: the frozen paraphraser (eval mode: its BN statistics stay) gets no gradient,
-    # the translator does
-    stats = term.paraphraser.encoder[1].running_mean.clone()
+    # main stage: the frozen paraphraser (eval mode) gets no gradient, the translator does
     term.train()
     term(make_taps(S_SHAPES, requires_grad=True), t, step()).backward()
-    assert not term.paraphraser.training and torch.equal(term.paraphraser.encoder[1].running_mean, stats)
+    assert not term.paraphraser.training
     assert all(p.grad is None for p in term.paraphraser.parameters())
     assert all(p.grad is not None for p in term.translator.parameters())
     assert term.init_lr == 0.01
+    # the default paraphraser has no BN (RepDistiller's); with paraphraser_bn its BN statistics
+    # stay those of the init stage in the main stage
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in term.paraphraser.modules())
+    with_bn = FT(paraphraser_bn=True)
+    with_bn.setup(S_SHAPES, T_SHAPES, INFO)
+    stats = with_bn.paraphraser.encoder[1].running_mean.clone()
+    with_bn.train()
+    with_bn(make_taps(S_SHAPES), t, step())
+    assert not with_bn.paraphraser.training and torch.equal(with_bn.paraphraser.encoder[1].running_mean, stats)
+
+
+def test_ft_warns_that_the_mean_factor_of_1x1_maps_is_constant(caplog):
+    shapes = {"stage1": (4, 1, 1)}
+    with caplog.at_level(logging.WARNING, logger="kdrun"):
+        term = FT()
+        term.setup(shapes, shapes)
+    assert "loss.ft.factor=mean" in caplog.text
+    s, t = make_taps(shapes), make_taps(shapes, seed=1)
+    assert term(s, t, step()).item() == 0.0
+    caplog.clear()
+    whole = FT(factor="whole")
+    whole.setup(shapes, shapes)
+    assert not caplog.text and whole(s, t, step()).item() > 0
 
 
 # ---------------------------------------------------------------------------- FSP
@@ -298,8 +356,8 @@ def test_ofd_term_accumulates_teacher_statistics_and_weights_deeper_pairs_more()
     s, t = make_taps(S_SHAPES), make_taps(T_SHAPES, seed=1)
     value = term(s, t, step())
     target = t["stage2_preact"]
-    assert torch.allclose(term.t_mean0, target.mean(dim=(0, 2, 3)), atol=1e-6)
-    assert torch.allclose(term.t_sqmean0, target.pow(2).mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(term.t_mean0.float(), target.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(term.t_var0.float(), target.var(dim=(0, 2, 3), unbiased=False), atol=1e-6)
     assert term.seen.item() == 4
     expected = 0.0
     for j, ((sk, tk), conn) in enumerate(zip(term.pairs, term.connectors)):
@@ -310,7 +368,22 @@ def test_ofd_term_accumulates_teacher_statistics_and_weights_deeper_pairs_more()
     t2 = make_taps(T_SHAPES, seed=9)
     term(s, t2, step())
     both = torch.cat([target, t2["stage2_preact"]])
-    assert torch.allclose(term.t_mean0, both.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(term.t_mean0.float(), both.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(term.t_var0.float(), both.var(dim=(0, 2, 3), unbiased=False), atol=1e-5)
+
+
+def test_ofd_statistics_keep_a_small_spread_around_a_large_mean():
+    term = built("ofd")
+    s = make_taps(S_SHAPES)
+    feats = [make_taps(T_SHAPES, seed=k) for k in (1, 2, 3)]
+    for t in feats:
+        t["stage2_preact"] = 30.0 + 0.01 * t["stage2_preact"]  # std 0.01 around 30: E[x^2] - mean^2 fails
+        term(s, t, step())
+    both = torch.cat([t["stage2_preact"].double() for t in feats])
+    assert torch.allclose(term.t_var0, both.var(dim=(0, 2, 3), unbiased=False), rtol=1e-3)
+    assert torch.allclose(term.margin(0).flatten().double(),
+                          gaussian_negative_mean(both.mean(dim=(0, 2, 3)), both.std(dim=(0, 2, 3), unbiased=False)),
+                          rtol=1e-3)
 
 
 # ---------------------------------------------------------------------------- ReviewKD
@@ -344,6 +417,9 @@ def test_reviewkd_levels_and_linear_warmup():
     full = term(s, t, Step(None, None, 25.0, 240))
     assert term(s, t, Step(None, None, 5.0, 240)).item() == pytest.approx(0.25 * full.item(), rel=1e-5)
     assert term(s, t, Step(None, None, 0.0, 240)).item() == 0.0
+    # one step per epoch, from the 0-based epoch number (the authors' train.py): constant within an epoch
+    assert term(s, t, Step(None, None, 5.9, 240)).item() == pytest.approx(0.25 * full.item(), rel=1e-5)
+    assert term(s, t, Step(None, None, 0.9, 240)).item() == 0.0
     assert full.item() > 0
 
 
@@ -383,24 +459,57 @@ def test_memory_scores_both_ways_agree_with_explicit_dots():
     assert torch.allclose(memory_scores(wide, rows, v), explicit, atol=1e-5)  # gather
 
 
-def test_crd_negatives_are_uniform_over_the_other_rows():
+def test_crd_negatives_default_to_the_other_classes_uniformly(loss_cfg):
+    assert CRD().negatives == loss_cfg.crd.negatives == "other_class"
+    labels = torch.arange(5000) % 7  # classes of 715 and 714 samples
     term = CRD(nce_k=4000)
-    term.setup({"embedding": (6,)}, {"embedding": (12,)}, SimpleNamespace(n_train=5000))
+    term.setup({"embedding": (6,)}, {"embedding": (12,)}, SimpleNamespace(n_train=5000, train_labels=labels))
+    index = torch.tensor([0, 17, 4999, 3])
+    neg = term.sample_negatives(index)
+    assert neg.shape == (4, 4000) and neg.min() >= 0 and neg.max() < 5000
+    assert not (labels[neg] == labels[index][:, None]).any()  # never of the sample's class (nor itself)
+    # unsorted labels: every row of another class about equally often, none of the own class
+    labels = torch.tensor([2, 0, 1, 2, 0, 2, 1, 2, 3, 2, 0, 3])
+    small = CRD(nce_k=70)
+    small.setup({"embedding": (6,)}, {"embedding": (12,)}, SimpleNamespace(n_train=12, train_labels=labels))
+    index = torch.tensor([3, 8]).repeat(200)  # a class-2 and a class-3 sample
+    neg = small.sample_negatives(index)
+    for row, own in ((3, 2), (8, 3)):
+        counts = torch.bincount(neg[index == row].flatten(), minlength=12)
+        other = labels != own
+        assert counts[~other].sum() == 0  # 200 x 70 draws over the other-class rows
+        assert ((counts[other] - 14000 / other.sum()).abs() < 300).all()
+
+
+def test_crd_uniform_negatives_are_any_other_row_and_other_class_needs_labels():
+    term = CRD(nce_k=4000, negatives="uniform")
+    term.setup({"embedding": (6,)}, {"embedding": (12,)}, SimpleNamespace(n_train=5000))  # no labels needed
     index = torch.tensor([0, 17, 4999])
     neg = term.sample_negatives(index)
     assert neg.shape == (3, 4000) and neg.min() >= 0 and neg.max() < 5000
     assert not (neg == index[:, None]).any()
-    small = CRD(nce_k=4000)
+    small = CRD(nce_k=5, negatives="uniform")
     small.setup({"embedding": (6,)}, {"embedding": (12,)}, SimpleNamespace(n_train=6))
     counts = torch.bincount(small.sample_negatives(torch.full((400,), 2)).flatten(), minlength=6)
     assert counts[2] == 0  # never the positive; every other row about equally often (400 x 5 draws)
     assert ((counts[[0, 1, 3, 4, 5]] - 400).abs() < 100).all()
+    with pytest.raises(ConfigError, match=r"^loss\.crd\.negatives=other_class .*train_labels"):
+        CRD().setup({"embedding": (6,)}, {"embedding": (12,)}, SimpleNamespace(n_train=6))
+    with pytest.raises(ConfigError, match="two classes"):
+        CRD().setup({"embedding": (6,)}, {"embedding": (12,)},
+                    SimpleNamespace(n_train=6, train_labels=torch.zeros(6, dtype=torch.long)))
+    with pytest.raises(ConfigError, match="one label"):
+        CRD().setup({"embedding": (6,)}, {"embedding": (12,)}, SimpleNamespace(n_train=6, train_labels=torch.arange(5)))
 
 
-def test_crd_memory_updates_only_the_batch_rows_with_momentum_and_stays_unit_norm():
+def test_crd_memory_starts_uniform_and_updates_only_the_batch_rows_with_momentum():
     torch.manual_seed(8)
     term = built("crd")
-    assert torch.allclose(term.memory_s.norm(dim=1), torch.ones(32), atol=1e-5)
+    stdv = 1 / math.sqrt(128 / 3)  # RepDistiller: uniform in [-stdv, stdv], rows not normalised
+    for memory in (term.memory_s, term.memory_t):
+        assert memory.shape == (32, 128) and memory.abs().max() <= stdv and memory.abs().max() > 0.95 * stdv
+        assert memory.pow(2).sum(dim=1).mean().item() == pytest.approx(1.0, abs=0.1)  # E|m|^2 = 1
+        assert not torch.allclose(memory.norm(dim=1), torch.ones(32), atol=1e-3)
     before_s, before_t = term.memory_s.clone(), term.memory_t.clone()
     s, t = make_taps(S_SHAPES), make_taps(T_SHAPES, seed=1)
     index = torch.tensor([3, 9, 20, 31])
@@ -412,7 +521,7 @@ def test_crd_memory_updates_only_the_batch_rows_with_momentum_and_stays_unit_nor
         assert torch.equal(after[others], before[others])
         want = 0.5 * before[index] + 0.5 * v
         assert torch.allclose(after[index], want / want.norm(dim=1, keepdim=True), atol=1e-6)
-        assert torch.allclose(after.norm(dim=1), torch.ones(32), atol=1e-5)
+        assert torch.allclose(after[index].norm(dim=1), torch.ones(4), atol=1e-5)
     # in eval mode nothing is written
     term.eval()
     frozen = term.memory_s.clone()
@@ -443,11 +552,12 @@ def test_crd_normalisation_constant_is_set_once_and_value_matches_hand_computati
     assert torch.equal(term.log_z, fixed)
 
 
-def test_crd_clamps_nce_k_to_the_dataset_with_a_note(caplog):
+def test_crd_keeps_nce_k_on_small_datasets():
+    # as RepDistiller's loader, which draws with replacement when nce_k exceeds the other samples
     term = CRD()
-    with caplog.at_level(logging.INFO, logger="kdrun"):
-        term.setup({"embedding": (6,)}, {"embedding": (12,)}, SimpleNamespace(n_train=100))
-    assert term.k == 99 and "nce_k=16384" in caplog.text
+    term.setup({"embedding": (6,)}, {"embedding": (12,)},
+               SimpleNamespace(n_train=100, train_labels=torch.arange(100) % 10))
+    assert term.k == 16384 and term.sample_negatives(torch.tensor([4, 7])).shape == (2, 16384)
     with pytest.raises(ConfigError, match="n_train"):
         CRD().setup({"embedding": (6,)}, {"embedding": (12,)}, SimpleNamespace(n_train=1))
 
@@ -487,13 +597,13 @@ def test_finite_under_bf16_autocast(name):
     (AT, {"p": 0}), (AT, {"weight": -5}),
     (NST, {"degree": 0}), (NST, {"degree": 1.5}), (NST, {"constant": -1}),
     (AB, {"margin": 0}), (AB, {"init_epochs": -1}), (AB, {"init_epochs": 1.5}),
-    (FT, {"rate": 0}), (FT, {"p": 3}), (FT, {"init_lr": 0}), (FT, {"init_epochs": -2}),
+    (FT, {"rate": 0}), (FT, {"p": 3}), (FT, {"init_lr": 0}), (FT, {"init_epochs": -2}), (FT, {"factor": "sum"}),
     (FSP, {"init_epochs": -1}), (FSP, {"weight": -0.5}),
     (OFD, {"weight": -1e-3}),
     (ReviewKD, {"warmup_epochs": -1}), (ReviewKD, {"max_mid_channels": 0}),
     (VID, {"eps": 0}), (VID, {"init_pred_var": 0}),
     (CRD, {"feat_dim": 0}), (CRD, {"nce_k": 0}), (CRD, {"temperature": 0}), (CRD, {"momentum": 1.0}),
-    (CRD, {"momentum": -0.1}),
+    (CRD, {"momentum": -0.1}), (CRD, {"negatives": "random"}),
 ])
 def test_bad_hyperparameters_raise_config_error(cls, kwargs):
     key = next(iter(kwargs))
@@ -519,6 +629,8 @@ def test_yaml_files_carry_the_published_defaults(loss_cfg):
     crd = loss_cfg.crd
     assert (crd.feat_dim, crd.nce_k, crd.temperature, crd.momentum) == (128, 16384, 0.07, 0.5)
     assert (loss_cfg.ft.rate, loss_cfg.reviewkd.warmup_epochs, loss_cfg.vid.init_pred_var) == (0.5, 20.0, 5.0)
+    # ft: RepDistiller's channel-mean factor and BN-free paraphraser, init lr 0.01
+    assert (loss_cfg.ft.factor, loss_cfg.ft.paraphraser_bn, loss_cfg.ft.init_lr) == ("mean", False, 0.01)
     knowledge = build_knowledge(loss_cfg)
     assert [t.init_epochs for t in knowledge.terms.values()] == [0, 0, 0, 30, 30, 30, 0, 0, 0, 0]
 
@@ -573,7 +685,9 @@ def test_one_training_step_on_real_pairs(loss_cfg, pair, name):
     knowledge = build_knowledge({name: loss_cfg[name]})
     term = knowledge.terms[name]
     term.weight = term.weight or 1.0  # ab/fsp default to 0 in the main stage: exercise the term anyway
-    knowledge.setup(s_shapes, t_shapes, SimpleNamespace(n_train=64, num_classes=10))
+    if name == "reviewkd":
+        term.warmup_epochs = 0.0  # its warm-up factor is 0 throughout the first epoch
+    knowledge.setup(s_shapes, t_shapes, SimpleNamespace(n_train=64, num_classes=10, train_labels=torch.arange(64) % 10))
     teacher.eval()
     student.train()
     student.zero_grad(set_to_none=True)
@@ -582,7 +696,10 @@ def test_one_training_step_on_real_pairs(loss_cfg, pair, name):
         t_out = teacher.forward_taps(x, preact=True)
     s_out = student.forward_taps(x, preact=True)
     loss, logs = knowledge(s_out, t_out, Step(y, torch.randperm(64)[:8], 0.5, 1))
-    assert torch.isfinite(loss) and torch.isfinite(logs[f"loss_{name}"]) and logs[f"loss_{name}"] != 0
+    # ft's default (channel-mean) factor of 1x1 maps is constant: 0 for vgg13/mobilenetv2 at 16px
+    degenerate = name == "ft" and min(s_shapes[term.s_tap][1], t_shapes[term.t_tap][1]) == 1
+    assert torch.isfinite(loss) and torch.isfinite(logs[f"loss_{name}"])
+    assert (logs[f"loss_{name}"] == 0) == degenerate
     loss.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kdrun.config import instantiate
+from kdrun.config import compose, instantiate
 from kdrun.errors import ConfigError
 from kdrun.knowledge import KnowledgeSet, Step
 from kdrun.knowledge.logits import DIST, DKD, KD, LogitMSE, dkd_parts, kd_divergence, pearson_rows, standardize_logits
@@ -47,11 +47,20 @@ def huber(x: float) -> float:
 # ---------------------------------------------------------------- kd with logit standardisation
 
 
+def np_standardize(row: np.ndarray) -> np.ndarray:
+    """LSKD's z-score: the sample std (ddof=1, 1/(K-1)) plus 1e-7."""
+    return (row - row.mean()) / (row.std(ddof=1) + 1e-7)
+
+
 def test_standardize_logits_matches_numpy():
     torch.manual_seed(0)
     z = torch.randn(4, 7) * 3 + 1
-    expected = [(row - row.mean()) / row.std() for row in np64(z)]  # numpy std: population (1/K)
+    expected = [np_standardize(row) for row in np64(z)]
     assert np.allclose(standardize_logits(z).numpy(), np.stack(expected), atol=1e-5)
+    # the sample std, not the population one: every standardised row has sum of squares K - 1
+    assert np.allclose((standardize_logits(z).double() ** 2).sum(dim=1).numpy(), 6.0, rtol=1e-5)
+    # the eps is added to the std: a constant row stays finite (all zeros)
+    assert torch.equal(standardize_logits(torch.full((1, 5), 3.0)), torch.zeros(1, 5))
 
 
 def test_standardized_kd_matches_independent_value():
@@ -59,7 +68,7 @@ def test_standardized_kd_matches_independent_value():
     s, t, temp = torch.randn(3, 5) * 2, torch.randn(3, 5) * 5, 2.0
     total = 0.0
     for zs, zt in zip(np64(s), np64(t)):
-        zs, zt = (zs - zs.mean()) / zs.std(), (zt - zt.mean()) / zt.std()
+        zs, zt = np_standardize(zs), np_standardize(zt)
         total += np_kl(np_softmax(zt / temp), np_softmax(zs / temp))
     value = KD(temperature=temp, standardize=True)({"logits": s}, {"logits": t}, Step(None))
     assert value.item() == pytest.approx(total / 3 * temp**2, rel=1e-4)
@@ -81,6 +90,13 @@ def test_standardized_kd_invariant_to_per_sample_shift_and_scale_of_student():
     assert KD()({"logits": s * scale + shift}, {"logits": t}, Step(None)).item() != pytest.approx(
         KD()({"logits": s}, {"logits": t}, Step(None)).item(), rel=1e-3
     )
+
+
+def test_standardized_kd_needs_two_classes():
+    with pytest.raises(ConfigError, match=r"loss\.kd\.standardize=true needs at least 2 classes"):
+        KD(standardize=True).setup({"logits": (1,)}, {"logits": (1,)})
+    KD().setup({"logits": (1,)}, {"logits": (1,)})  # plain KD has no such need
+    KD(standardize=True).setup({"logits": (2,)}, {"logits": (2,)})
 
 
 # ---------------------------------------------------------------- logit_mse
@@ -132,7 +148,10 @@ def test_dkd_decomposes_classic_kd():
         assert (tckd[i] + (1 - p_t[i]) * nckd[i]).item() == pytest.approx(kd_i, rel=1e-4)
 
 
-@pytest.mark.parametrize("epoch,factor", [(0, 0.0), (10, 0.5), (20, 1.0), (30, 1.0)])
+# fractional 0-based epoch -> mdistiller's min(e / 20, 1) with the 1-based epoch number e, constant in an epoch
+@pytest.mark.parametrize(
+    "epoch,factor", [(0, 0.05), (0.99, 0.05), (1, 0.1), (9.5, 0.5), (18.7, 0.95), (19, 1.0), (30, 1.0)]
+)
 def test_dkd_warmup_factor(epoch, factor):
     term = DKD(warmup=20)
     assert term.warmup_factor(epoch) == pytest.approx(factor)
@@ -195,9 +214,12 @@ def test_dist_invariances():
 def np_rkd(s: np.ndarray, t: np.ndarray, w_d: float, w_a: float) -> float:
     b = len(s)
 
+    # every pair and every triplet, as RepDistiller and mdistiller average them: the diagonal
+    # distance is 0 and the mean distance mu is over the pairs i != j; a triplet with a repeated
+    # apex (i == j or k == j) has a zero vector, cosine 0; i == k (apex apart) has cosine 1
     def distances(e):
-        d = {(i, j): float(np.linalg.norm(e[i] - e[j])) for i in range(b) for j in range(b) if i != j}
-        mu = sum(d.values()) / len(d)
+        d = {(i, j): float(np.linalg.norm(e[i] - e[j])) for i in range(b) for j in range(b)}
+        mu = sum(d.values()) / (b * (b - 1))
         return {k: v / mu for k, v in d.items()}
 
     def cosines(e):
@@ -205,15 +227,18 @@ def np_rkd(s: np.ndarray, t: np.ndarray, w_d: float, w_a: float) -> float:
         for j in range(b):
             for i in range(b):
                 for k in range(b):
-                    if len({i, j, k}) == 3:
+                    if j in (i, k):
+                        out[(i, j, k)] = 0.0
+                    else:
                         u, v = e[i] - e[j], e[k] - e[j]
                         out[(i, j, k)] = float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
         return out
 
     ds, dt = distances(s), distances(t)
     as_, at = cosines(s), cosines(t)
-    loss_d = sum(huber(ds[k] - dt[k]) for k in ds) / len(ds)
-    loss_a = sum(huber(as_[k] - at[k]) for k in as_) / len(as_)
+    assert len(ds) == b**2 and len(as_) == b**3
+    loss_d = sum(huber(ds[k] - dt[k]) for k in ds) / b**2
+    loss_a = sum(huber(as_[k] - at[k]) for k in as_) / b**3
     return w_d * loss_d + w_a * loss_a
 
 
@@ -351,10 +376,40 @@ def np_cc(fs: np.ndarray, ft: np.ndarray, kernel) -> float:
     return total / b**2
 
 
-def test_cc_matches_independent_value():
+def test_cc_repdistiller_matches_independent_value():
     torch.manual_seed(15)
     s, t = torch.randn(5, 4), torch.randn(5, 6)
-    term = CC(gamma=0.4, order=2)
+    term = CC(embed_dim=3)
+    term.setup({"embedding": (4,)}, {"embedding": (6,)})
+    assert (term.embed_s.in_features, term.embed_s.out_features) == (4, 3)
+    assert (term.embed_t.in_features, term.embed_t.out_features) == (6, 3)
+    value = term({"embedding": s}, {"embedding": t}, Step(None))
+    e_s, e_t = np64(term.embed_s(s)), np64(term.embed_t(t))
+    delta = np.abs(e_s - e_t)
+    # each sample's |difference| times the next sample's, summed over the features; mean over the 4 pairs
+    expected = sum(float(delta[i] @ delta[i + 1]) for i in range(4)) / 4
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    # one sample: no adjacent pair, zero but in the graph of both embeddings
+    one = term({"embedding": s[:1]}, {"embedding": t[:1]}, Step(None))
+    one.backward()
+    assert one.item() == 0.0 and term.embed_t.weight.grad is not None
+
+
+def test_cc_kernel_choice_and_weights():
+    assert CC().weight == 0.02 and CC(kernel="taylor").weight == 10.0
+    assert CC(weight=0.5, kernel="taylor").weight == 0.5
+    term = CC(kernel="taylor")
+    term.setup({"embedding": (4,)}, {"embedding": (6,)})
+    assert term.embed_t is None and (term.embed_s.in_features, term.embed_s.out_features) == (4, 6)
+    assert len(list(term.parameters())) == 2
+    with pytest.raises(RuntimeError, match="setup"):
+        CC()({"embedding": torch.randn(3, 4)}, {"embedding": torch.randn(3, 6)}, Step(None))
+
+
+def test_cc_taylor_matches_independent_value():
+    torch.manual_seed(15)
+    s, t = torch.randn(5, 4), torch.randn(5, 6)
+    term = CC(kernel="taylor", gamma=0.4, order=2)
     term.setup({"embedding": (4,)}, {"embedding": (6,)})
     value = term({"embedding": s}, {"embedding": t}, Step(None))
     g = 0.4
@@ -363,7 +418,7 @@ def test_cc_matches_independent_value():
         c = float(x @ y)
         return math.exp(-2 * g) * (1 + 2 * g * c + (2 * g * c) ** 2 / 2)
 
-    embedded = np64(term.embed(s))
+    embedded = np64(term.embed_s(s))
     assert value.item() == pytest.approx(np_cc(embedded, np64(t), taylor2), rel=1e-4)
     # a long series is the exact Gaussian RBF kernel exp(-gamma ||x - y||^2) of the unit vectors
     term.order = 25
@@ -371,15 +426,18 @@ def test_cc_matches_independent_value():
     assert term({"embedding": s}, {"embedding": t}, Step(None)).item() == pytest.approx(exact, rel=1e-4)
 
 
-def test_cc_zero_when_embedded_student_equals_teacher():
-    term = CC()
+@pytest.mark.parametrize("kernel", ["repdistiller", "taylor"])
+def test_cc_zero_when_embedded_student_equals_teacher(kernel):
+    term = CC(kernel=kernel, embed_dim=5)
     term.setup({"embedding": (5,)}, {"embedding": (5,)})
     with torch.no_grad():
-        term.embed.weight.copy_(torch.eye(5))
-        term.embed.bias.zero_()
+        for layer in (term.embed_s, term.embed_t):
+            if layer is not None:
+                layer.weight.copy_(torch.eye(5))
+                layer.bias.zero_()
     t = torch.randn(4, 5)
     assert term({"embedding": t}, {"embedding": t}, Step(None)).item() == pytest.approx(0.0, abs=1e-8)
-    assert term.embed.in_features == 5 and term.embed.out_features == 5
+    assert term.embed_s.in_features == 5 and term.embed_s.out_features == 5
 
 
 # ---------------------------------------------------------------- every term: gradients, bf16, bad values
@@ -399,6 +457,7 @@ def make_terms() -> dict:
         "sp": SP(),
         "pkt": PKT(),
         "cc": CC(),
+        "cc_taylor": CC(kernel="taylor"),
     }
     for term in terms.values():
         term.setup(s_shapes, t_shapes, SimpleNamespace(n_train=100, num_classes=10))
@@ -425,7 +484,7 @@ def make_taps(dtype=torch.float32, b: int = 6):
     return s, t
 
 
-TERM_NAMES = ["kd", "kd_std", "logit_mse", "dkd", "dist", "rkd", "sp", "pkt", "cc"]
+TERM_NAMES = ["kd", "kd_std", "logit_mse", "dkd", "dist", "rkd", "sp", "pkt", "cc", "cc_taylor"]
 STEP = Step(targets=torch.tensor([0, 1, 2, 3, 4, 5]), epoch=25.0, epochs=30)
 
 
@@ -443,6 +502,8 @@ def test_gradients_reach_student_and_adapters_never_teacher(name):
     for p in term.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
     if name == "cc":
+        assert len(list(term.parameters())) == 4  # the student's and the teacher's linear embeddings
+    if name == "cc_taylor":
         assert len(list(term.parameters())) == 2  # the student -> teacher linear embedding
 
 
@@ -482,6 +543,9 @@ def test_finite_fp32_values_under_bf16_autocast(name):
         (lambda: CC(gamma=0), "loss.cc.gamma=0"),
         (lambda: CC(order=0), "loss.cc.order=0"),
         (lambda: CC(order=1.5), "loss.cc.order=1.5"),
+        (lambda: CC(kernel="rbf"), "loss.cc.kernel=rbf"),
+        (lambda: CC(embed_dim=0), "loss.cc.embed_dim=0"),
+        (lambda: CC(weight=-1), "loss.cc.weight=-1"),
     ],
 )
 def test_bad_hyperparameters_raise_config_error(factory, message):
@@ -496,20 +560,25 @@ def test_bad_hyperparameters_raise_config_error(factory, message):
         ("kd", KD, {"weight": 0.9, "temperature": 4.0, "standardize": False}),
         ("logit_mse", LogitMSE, {"weight": 1.0}),
         ("dkd", DKD, {"weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup": 20}),
-        ("dist", DIST, {"weight": 1.0, "beta": 2.0, "gamma": 2.0, "temperature": 4.0}),
+        ("dist", DIST, {"weight": 2.0, "beta": 1.0, "gamma": 1.0, "temperature": 4.0}),
         ("rkd", RKD, {"weight": 1.0, "distance_weight": 25.0, "angle_weight": 50.0}),
         ("sp", SP, {"weight": 3000.0, "s_tap": "last", "t_tap": "last"}),
         ("pkt", PKT, {"weight": 30000.0}),
-        ("cc", CC, {"weight": 0.02, "gamma": 0.4, "order": 2}),
+        ("cc", CC, {"weight": 0.02, "kernel": "repdistiller", "embed_dim": 128, "gamma": 0.4, "order": 2}),
     ],
 )
 def test_yaml_defaults(name, cls, expected):
     path = CONF / f"{name}.yaml"
     assert path.read_text().splitlines()[0] == f"# @package loss.{name}"
-    term = instantiate(OmegaConf.load(path))
+    term = instantiate(compose([f"loss={name}"]).loss[name])  # as Hydra composes it (defaults lists too)
     assert type(term) is cls and term.name == name
     for key, value in expected.items():
         assert getattr(term, key) == value, key
+
+
+def test_yaml_cc_taylor_takes_its_own_default_weight():
+    cfg = OmegaConf.merge(OmegaConf.load(CONF / "cc.yaml"), {"kernel": "taylor"})
+    assert instantiate(cfg).weight == 10.0
 
 
 # ---------------------------------------------------------------- one real step through KnowledgeSet
@@ -546,5 +615,6 @@ def test_one_training_step_on_zoo_pairs(teacher_name, student_name):
     grads = [p.grad for p in student.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum().item() for g in grads) > 0
-    assert kset.terms["cc"].embed.weight.grad is not None and kset.terms["cc"].embed.weight.grad.abs().sum() > 0
+    for layer in (kset.terms["cc"].embed_s, kset.terms["cc"].embed_t):
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())

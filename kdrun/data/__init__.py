@@ -123,6 +123,7 @@ def build_data(
         mean=tuple(mean),
         std=tuple(std),
         class_names=splits.class_names,
+        train_labels=torch.from_numpy(np.asarray(splits.y_train, dtype=np.int64).copy()),
     )
     return InMemoryDataModule(
         info,

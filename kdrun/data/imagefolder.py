@@ -105,7 +105,7 @@ class ImageFolderDataModule(DataModule):
             )
         class_names = tuple(train_set.classes)
         num_classes = len(class_names)
-        train_set, _ = _subset(
+        train_set, train_labels = _subset(
             train_set, spec.optional_count("train_subset"), "train_subset", num_classes
         )
         test_set, _ = _subset(
@@ -127,6 +127,7 @@ class ImageFolderDataModule(DataModule):
             mean=tuple(mean),
             std=tuple(std),
             class_names=class_names,
+            train_labels=torch.from_numpy(np.asarray(train_labels, dtype=np.int64).copy()),
         )
         if pad >= image_size:
             raise ConfigError(

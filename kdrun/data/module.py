@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,7 +17,13 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What a model and a report need to know about a dataset (after any subset)."""
+    """What a model, a knowledge term and a report need to know about a dataset (after any subset).
+
+    ``train_labels``: every training sample's label, int64 on the CPU, indexed by training-set
+    position (``Step.index``), for terms that need the classes of other samples (CRD's
+    other-class negatives); None where a data module does not give them. Left out of the repr
+    and of comparisons.
+    """
 
     name: str
     num_classes: int
@@ -28,6 +34,7 @@ class DataInfo:
     mean: tuple[float, ...]  # per channel, pixel / 255 units
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+    train_labels: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 class DataModule(abc.ABC):

@@ -27,30 +27,45 @@ def pool_to_common(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 class ConvRegressor(nn.Module):
-    """Map a student feature map (C_s, H_s, W_s) onto the teacher's (C_t, H_t, W_t).
+    """Map a student feature map (C_s, H_s, W_s) onto the teacher's (C_t, H_t, W_t): one conv
+    (with bias) whose kind follows the two sizes, then BN, then ReLU (``relu=False``: no ReLU)::
 
-    A 3x3 conv + BN + ReLU when the spatial sizes agree; when the student map is larger it is
-    resized by adaptive average pooling first, when smaller by bilinear upsampling.
+        H_s = 2 H_t:   3x3 conv, stride 2, padding 1
+        2 H_s = H_t:   4x4 transposed conv, stride 2, padding 1
+        H_s >= H_t:    (1 + H_s - H_t) x (1 + W_s - W_t) conv (1x1 for equal sizes)
+
+    (the rule of the CRD benchmark's FitNet regressor and AB connector). A student map smaller
+    than half the teacher's, which that rule does not cover, is upsampled (bilinear) to the
+    teacher's size and goes through a 1x1 conv. Convs keep PyTorch's default initialisation.
     """
 
-    def __init__(self, s_shape: tuple, t_shape: tuple) -> None:
+    def __init__(self, s_shape: tuple, t_shape: tuple, relu: bool = True) -> None:
         super().__init__()
-        self.out_hw = tuple(t_shape[1:])
-        self.conv = nn.Conv2d(s_shape[0], t_shape[0], kernel_size=3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(t_shape[0])
+        (c_s, h_s, w_s), (c_t, h_t, w_t) = tuple(s_shape), tuple(t_shape)
+        self.out_hw = (h_t, w_t)
+        self.upsample = False
+        if (h_s, w_s) == (2 * h_t, 2 * w_t):
+            self.conv = nn.Conv2d(c_s, c_t, 3, stride=2, padding=1)
+        elif (2 * h_s, 2 * w_s) == (h_t, w_t):
+            self.conv = nn.ConvTranspose2d(c_s, c_t, 4, stride=2, padding=1)
+        elif h_s >= h_t and w_s >= w_t:
+            self.conv = nn.Conv2d(c_s, c_t, (1 + h_s - h_t, 1 + w_s - w_t))
+        else:
+            self.upsample = True
+            self.conv = nn.Conv2d(c_s, c_t, 1)
+        self.bn = nn.BatchNorm2d(c_t)
+        self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.out_hw:
-            if x.shape[-1] > self.out_hw[-1]:
-                x = F.adaptive_avg_pool2d(x, self.out_hw)
-            else:
-                x = F.interpolate(x, size=self.out_hw, mode="bilinear", align_corners=False)
-        return F.relu(self.bn(self.conv(x)))
+        if self.upsample:
+            x = F.interpolate(x, size=self.out_hw, mode="bilinear", align_corners=False)
+        x = self.bn(self.conv(x))
+        return F.relu(x) if self.relu else x
 
 
 class ConvBN(nn.Sequential):
-    """A ``k x k`` conv (no bias) + BN from ``c_in`` to ``c_out`` channels: the connector of AB and
-    OFD (student channels -> teacher channels), He-normal (fan-out) initialised, BN scale 1 shift 0."""
+    """A ``k x k`` conv (no bias) + BN from ``c_in`` to ``c_out`` channels: OFD's connector (student
+    channels -> teacher channels), He-normal (fan-out) initialised, BN scale 1 shift 0."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 1) -> None:
         conv = nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=False)
@@ -58,31 +73,29 @@ class ConvBN(nn.Sequential):
         super().__init__(conv, nn.BatchNorm2d(c_out))
 
 
+def _factor_layers(conv: type[nn.Module], widths: tuple, bn: bool) -> list[nn.Module]:
+    """3x3 convs (or transposed convs; with bias, stride 1, padding 1) through ``widths``, each
+    followed by BN (when ``bn``) and LeakyReLU(0.1)."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        layers += [conv(c_in, c_out, 3, padding=1), *([nn.BatchNorm2d(c_out)] if bn else []), nn.LeakyReLU(0.1)]
+    return layers
+
+
 class Paraphraser(nn.Module):
     """Factor transfer's teacher-side auto-encoder (Kim et al. 2018).
 
     Encoder: three 3x3 convs C -> C -> kC -> kC, decoder: three 3x3 transposed convs
-    kC -> kC -> C -> C, each followed by BN (``bn=True``) and LeakyReLU(0.1); ``k`` is the
-    paraphrase rate. The encoder output is the teacher factor; the decoder reconstructs the
-    teacher features.
+    kC -> kC -> C -> C (``k`` the paraphrase rate, kC rounded down), each with a bias and followed
+    by BN when ``bn`` (the CRD benchmark has none) and LeakyReLU(0.1). The encoder output is the
+    teacher factor; the decoder reconstructs the teacher features.
     """
 
-    def __init__(self, channels: int, rate: float = 0.5, bn: bool = True) -> None:
+    def __init__(self, channels: int, rate: float = 0.5, bn: bool = False) -> None:
         super().__init__()
         factor = max(1, int(channels * rate))
-
-        def layer(conv: type[nn.Module], c_in: int, c_out: int) -> list[nn.Module]:
-            norm = [nn.BatchNorm2d(c_out)] if bn else []
-            return [conv(c_in, c_out, 3, padding=1, bias=not bn), *norm, nn.LeakyReLU(0.1)]
-
-        self.encoder = nn.Sequential(
-            *layer(nn.Conv2d, channels, channels), *layer(nn.Conv2d, channels, factor),
-            *layer(nn.Conv2d, factor, factor),
-        )
-        self.decoder = nn.Sequential(
-            *layer(nn.ConvTranspose2d, factor, factor), *layer(nn.ConvTranspose2d, factor, channels),
-            *layer(nn.ConvTranspose2d, channels, channels),
-        )
+        self.encoder = nn.Sequential(*_factor_layers(nn.Conv2d, (channels, channels, factor, factor), bn))
+        self.decoder = nn.Sequential(*_factor_layers(nn.ConvTranspose2d, (factor, factor, channels, channels), bn))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The factor (encoder output)."""
@@ -93,16 +106,13 @@ class Paraphraser(nn.Module):
 
 
 class Translator(nn.Module):
-    """Factor transfer's student-side encoder: three 3x3 conv + BN + LeakyReLU(0.1) layers
-    C_s -> C_s -> k C_t -> k C_t, so the student factor has the teacher factor's channels."""
+    """Factor transfer's student-side encoder: three 3x3 conv (with bias) + BN + LeakyReLU(0.1)
+    layers C_s -> C_s -> k C_t -> k C_t, so the student factor has the teacher factor's channels."""
 
     def __init__(self, s_channels: int, t_channels: int, rate: float = 0.5) -> None:
         super().__init__()
         factor = max(1, int(t_channels * rate))
-        layers: list[nn.Module] = []
-        for c_in, c_out in ((s_channels, s_channels), (s_channels, factor), (factor, factor)):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.1)]
-        self.encoder = nn.Sequential(*layers)
+        self.encoder = nn.Sequential(*_factor_layers(nn.Conv2d, (s_channels, s_channels, factor, factor), True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -132,7 +142,8 @@ class ABF(nn.Module):
     size and the two are mixed with two sigmoid attention maps predicted by a 1x1 conv from their
     concatenation: ``x * a0 + residual * a1``. The fused map is resized (nearest) to the teacher's
     spatial size and a 3x3 conv + BN gives the teacher's channel count. Returns
-    ``(output, fused)``; ``fused`` is passed on to the next shallower level.
+    ``(output, fused)``; ``fused``, the fused map at the teacher's size (as the authors' code
+    passes it on), goes to the next shallower level.
     """
 
     def __init__(self, c_in: int, mid: int, c_out: int, out_hw: tuple[int, int], fuse: bool) -> None:
@@ -150,14 +161,14 @@ class ABF(nn.Module):
             residual = F.interpolate(residual, size=tuple(x.shape[-2:]), mode="nearest")
             att = self.attention(torch.cat([x, residual], dim=1))
             x = x * att[:, 0:1] + residual * att[:, 1:2]
-        fused = x
         if tuple(x.shape[-2:]) != self.out_hw:
             x = F.interpolate(x, size=self.out_hw, mode="nearest")
-        return self.out(x), fused
+        return self.out(x), x
 
 
 class Embed(nn.Module):
-    """CRD's projection head: flatten, one Linear to ``dim``, L2-normalise (in fp32)."""
+    """CRD's projection head: flatten, one Linear to ``dim`` (PyTorch's default initialisation),
+    L2-normalise (in fp32): ``v = W x + b, v / ||v||_2``, as RepDistiller's crd.criterion.Embed."""
 
     def __init__(self, c_in: int, dim: int) -> None:
         super().__init__()

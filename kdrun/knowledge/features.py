@@ -10,6 +10,7 @@ the smaller, as in the CRD benchmark. All loss arithmetic runs in fp32 (features
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from kdrun.knowledge.adapters import (
 from kdrun.knowledge.base import KnowledgeTerm, Step, Taps, require
 
 _STAGE = re.compile(r"stage(\d+)")
+log = logging.getLogger("kdrun")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -90,7 +92,15 @@ class StagePairsTerm(KnowledgeTerm):
 
 # ---------------------------------------------------------------------------- FitNet
 class FitNet(KnowledgeTerm):
-    """Romero et al. 2015: MSE between regressor(student hint) and the teacher's hint features."""
+    """Hints: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
+
+    A regressor r (:class:`ConvRegressor`: one conv chosen by the two spatial sizes, BN, ReLU;
+    trained with the student) maps the student's hint tap onto the teacher's::
+
+        L = mean_{b,c,h,w} ( r(S_hint) - T_hint )^2
+
+    Default hint: ``stage2`` on both sides (the CRD benchmark's ``hint_layer 2``).
+    """
 
     name = "fitnet"
 
@@ -128,8 +138,9 @@ class AT(StagePairsTerm):
         L = sum_j mean_{b,i} ( Q_s^j / ||Q_s^j||_2 - Q_t^j / ||Q_t^j||_2 )^2
 
     (the authors' and the CRD benchmark's mean-squared form; the paper's beta = 1000 is the
-    weight). Invariant to a positive scale of either feature map; needs no adapter, so any channel
-    counts pair.
+    weight). The CRD benchmark raises A_c to the power p without the absolute value, which agrees
+    with this for the default p = 2 (even p). Invariant to a positive scale of either feature map;
+    needs no adapter, so any channel counts pair.
     """
 
     name = "at"
@@ -214,9 +225,10 @@ class AB(StagePairsTerm):
     """Activation boundaries: Heo et al., "Knowledge Transfer via Distillation of Activation
     Boundaries Formed by Hidden Neurons", AAAI 2019.
 
-    The student's pre-ReLU stage features r(S) (through a connector r: 1x1 conv + BN to the
-    teacher's channels) should be on the same side of zero as the teacher's pre-ReLU features T,
-    by a margin mu (the paper's alternative squared-hinge loss)::
+    The student's pre-ReLU stage features r(S) should be on the same side of zero as the teacher's
+    pre-ReLU features T, by a margin mu (the paper's alternative squared-hinge loss); the
+    connector r is the identity where the two maps have the same shape, else a
+    :class:`ConvRegressor` without ReLU (conv + BN, as the CRD benchmark's connector)::
 
         L_j = sum [ rho(T) relu(mu - r(S))^2 + (1 - rho(T)) relu(mu + r(S))^2 ] / batch
         L   = 3e-3 * sum_j 2^(j - n) L_j        (j = 1..n stage pairs, deepest weighted 1)
@@ -244,7 +256,9 @@ class AB(StagePairsTerm):
     def setup(self, student_shapes, teacher_shapes, info=None) -> None:
         pairs = self.pair_stages(student_shapes, teacher_shapes)
         self.connectors = nn.ModuleList(
-            ConvBN(student_shapes[sk][0], teacher_shapes[tk][0]) for sk, tk in pairs
+            nn.Identity() if tuple(student_shapes[sk]) == tuple(teacher_shapes[tk])
+            else ConvRegressor(student_shapes[sk], teacher_shapes[tk], relu=False)
+            for sk, tk in pairs
         )
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
@@ -257,11 +271,24 @@ class AB(StagePairsTerm):
 
 
 # ---------------------------------------------------------------------------- FT
-def factor_transfer_loss(fs: torch.Tensor, ft: torch.Tensor, p: int = 1) -> torch.Tensor:
-    """``mean | F_s/||F_s||_2 - F_t/||F_t||_2 |^p`` with each sample's factor flattened (fp32)."""
+FACTOR_FORMS = ("mean", "whole")
+
+
+def factor_vector(f: torch.Tensor, factor: str = "mean") -> torch.Tensor:
+    """A factor map (B, C, H, W) as the L2-normalised per-sample vector the loss compares (fp32):
+    ``mean``: vec(mean_c F_c^2), H*W values (the CRD benchmark's form); ``whole``: vec(F), C*H*W
+    values (the paper's)."""
+    f = f.float()
+    if factor == "mean":
+        f = f.pow(2).mean(dim=1)
+    return F.normalize(f.flatten(1), dim=1)
+
+
+def factor_transfer_loss(fs: torch.Tensor, ft: torch.Tensor, p: int = 1, factor: str = "mean") -> torch.Tensor:
+    """``mean | v(F_s) - v(F_t) |^p`` over the batch and the vector elements, v =
+    :func:`factor_vector`; the larger map is average-pooled to the smaller one's size first."""
     fs, ft = pool_to_common(fs.float(), ft.float())
-    diff = F.normalize(fs.flatten(1), dim=1) - F.normalize(ft.flatten(1), dim=1)
-    return diff.abs().pow(p).mean()
+    return (factor_vector(fs, factor) - factor_vector(ft, factor)).abs().pow(p).mean()
 
 
 class FT(KnowledgeTerm):
@@ -273,29 +300,34 @@ class FT(KnowledgeTerm):
     paraphraser trains); then it is frozen and a translator (student side) learns to produce the
     teacher's factor::
 
-        L = mean | F_s/||F_s||_2 - F_t/||F_t||_2 |^p,   F_t = encoder(T), F_s = translator(S)
+        L = mean | v(F_s) - v(F_t) |^p,   F_t = encoder(T), F_s = translator(S)
 
-    with p = 1 (the paper's L1; the mean runs over batch and factor elements). Note: the CRD
-    benchmark reduces the factors to channel-mean maps before normalising; this is the paper's
-    whole-factor form, so the benchmark's weight 200 weighs it somewhat less.
-    The paraphraser has BN after each conv (``paraphraser_bn``; RepDistiller's default leaves it
-    out, which diverges at lr 0.01 on teachers with large activations) and runs in eval mode in
-    the main stage, where it is frozen. The init stage uses lr 0.01 as RepDistiller does for its
-    CIFAR ResNet/WRN students (``init_lr``); full recipe 30 init epochs, lower for smoke runs
-    (``loss.ft.init_epochs=1``). Taps: the last stage of each network unless
-    ``student_tap``/``teacher_tap`` are given.
+    with p = 1 and, by default (``factor: mean``), ``v(F) = vec(mean_c F_c^2) / ||.||_2``: each
+    factor reduced to its channel mean of squares like an attention map, as the CRD benchmark
+    (RepDistiller) computes it, and as its weight 200 was used with. ``factor: whole`` is the
+    paper's ``v(F) = vec(F) / ||vec(F)||_2`` over all C*H*W elements (the mean of |.|^p then runs
+    over those), much weaker at the same weight (untrained CIFAR ResNet/WRN/VGG pairs at 32 px:
+    values 0.3-0.4x, student gradients 0.01-0.03x those of the default). The default form is
+    constant (0) on 1x1 maps; setup warns then.
+    The paraphraser has no BN unless ``paraphraser_bn`` (RepDistiller has none) and runs in eval
+    mode in the main stage, where it is frozen; the translator has BN. The init stage uses lr 0.01
+    as RepDistiller does for its CIFAR ResNet/WRN (and MobileNetV2/ShuffleNet) students
+    (``init_lr``; RepDistiller's VGG students use their own lr: ``loss.ft.init_lr=null``); full
+    recipe 30 init epochs, lower for smoke runs (``loss.ft.init_epochs=1``). Taps: the last stage
+    of each network unless ``student_tap``/``teacher_tap`` are given.
     """
 
     name = "ft"
 
-    def __init__(self, weight: float = 200.0, rate: float = 0.5, p: int = 1, init_epochs: int = 30,
-                 init_lr: float | None = 0.01, paraphraser_bn: bool = True, student_tap: str | None = None,
-                 teacher_tap: str | None = None) -> None:
+    def __init__(self, weight: float = 200.0, rate: float = 0.5, p: int = 1, factor: str = "mean",
+                 init_epochs: int = 30, init_lr: float | None = 0.01, paraphraser_bn: bool = False,
+                 student_tap: str | None = None, teacher_tap: str | None = None) -> None:
         super().__init__(weight)
         require(float(rate) > 0, self.name, "rate", rate, "must be > 0 (the paper uses 0.5)")
         require(p in (1, 2), self.name, "p", p, "must be 1 or 2")
+        require(factor in FACTOR_FORMS, self.name, "factor", factor, "must be mean or whole")
         require(init_lr is None or float(init_lr) > 0, self.name, "init_lr", init_lr, "must be > 0 or null")
-        self.rate, self.p = float(rate), int(p)
+        self.rate, self.p, self.factor = float(rate), int(p), str(factor)
         self.init_epochs = init_epochs_arg(self.name, init_epochs)
         self.init_lr = None if init_lr is None else float(init_lr)
         self.paraphraser_bn = bool(paraphraser_bn)
@@ -316,6 +348,10 @@ class FT(KnowledgeTerm):
         self.s_tap = self.s_tap or stage_names(student_shapes)[-1]
         self.t_tap = self.t_tap or stage_names(teacher_shapes)[-1]
         c_s, c_t = student_shapes[self.s_tap][0], teacher_shapes[self.t_tap][0]
+        (_, h_s, w_s), (_, h_t, w_t) = student_shapes[self.s_tap], teacher_shapes[self.t_tap]
+        if self.factor == "mean" and min(h_s, h_t) * min(w_s, w_t) == 1:
+            log.warning("loss.ft.factor=mean compares spatial maps, and %s/%s are 1x1: the term is always 0 "
+                        "(loss.ft.factor=whole compares whole factors)", self.s_tap, self.t_tap)
         self.paraphraser = Paraphraser(c_t, self.rate, bn=self.paraphraser_bn)
         self.translator = Translator(c_s, c_t, self.rate)
 
@@ -324,7 +360,7 @@ class FT(KnowledgeTerm):
         with torch.no_grad():
             factor_t = self.paraphraser(t[self.t_tap].detach())
         factor_s = self.translator(s[self.s_tap])
-        return factor_transfer_loss(factor_s, factor_t, self.p)
+        return factor_transfer_loss(factor_s, factor_t, self.p, self.factor)
 
     def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
         return list(self.paraphraser.parameters())
@@ -353,9 +389,11 @@ class FSP(KnowledgeTerm):
 
         L = sum_l mean (G_s^l - G_t^l)^2        (l over consecutive layer pairs)
 
-    Layers: ``stem`` plus every stage when both networks have as many stages, else the last
-    min(K_s, K_t) stages. The paper needs equal channel counts; where a student layer's differ, a
-    1x1 conv maps it to the teacher's (a kdrun extension; identity otherwise). FSP is an
+    Layers: ``stem`` plus every stage when both networks have as many stages (RepDistiller's
+    ``feat[:-1]``), else the last min(K_s, K_t) stages; the larger of two consecutive maps is
+    average-pooled to the smaller one's size (as RepDistiller's FSP does). The paper needs equal
+    channel counts; where a student layer's differ, a 1x1 conv maps it to the teacher's (a kdrun
+    extension; identity otherwise). FSP is an
     initialisation method: the init stage trains the student's feature layers with this loss,
     then the main stage trains on labels; RepDistiller's main loop adds 0 for FSP (its ``-b 50``
     is inert), so the default main-stage ``weight`` is 0. Full recipe: ``init_epochs: 30``;
@@ -404,13 +442,16 @@ class FSP(KnowledgeTerm):
 # ---------------------------------------------------------------------------- OFD
 def gaussian_negative_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """OFD's margin: ``E[x | x < 0]`` for x ~ N(mean, std^2), i.e.
-    ``mean - std * phi(mean/std) / Phi(-mean/std)``; ``-3 std`` where ``Phi(-mean/std) <= 1e-3``."""
-    std = std.clamp_min(1e-6)
+    ``mean - std * phi(mean/std) / Phi(-mean/std)``; ``-3 std`` where ``Phi(-mean/std) <= 1e-3``.
+    Computed in fp64 (the difference loses digits; the authors compute it in Python floats) and
+    returned in ``mean``'s dtype."""
+    dtype = mean.dtype
+    mean, std = mean.double(), std.double().clamp_min(1e-6)
     z = mean / std
     tail = torch.special.ndtr(-z)
     pdf = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
     expected = mean - std * pdf / tail.clamp_min(1e-3)
-    return torch.where(tail > 1e-3, expected, -3.0 * std)
+    return torch.where(tail > 1e-3, expected, -3.0 * std).to(dtype)
 
 
 def partial_l2(s: torch.Tensor, t: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
@@ -432,10 +473,15 @@ class OFD(StagePairsTerm):
         T' = max(T, m),  d_p = sum [ (T' - r(S))^2  unless  r(S) <= T' <= 0 ]
         L  = sum_j d_p^j / (batch * 2^(n - j))      (j = 1..n stage pairs, deepest weighted 1)
 
-    The paper reads the Gaussian's mean and std off the BN before the ReLU; kdrun has no such BN
-    for every tap, so the per-channel mean and std of the teacher's tap are accumulated over the
-    training batches (buffers, saved with the run) and the margin is computed from them. The
-    authors' CIFAR-100 code divides by 1000: ``weight: 1.0e-3`` (also mdistiller's CIFAR default).
+    Given the same margin this equals the authors' Distiller loss divided by the batch size
+    (clovaai/overhaul-distillation, CIFAR-100 distiller.py: distillation_loss, Distiller.forward;
+    mdistiller's OFD.ofd_loss gives the same). The margin's source differs: the authors (and
+    mdistiller) read the Gaussian's mean and std off the teacher's BN before the ReLU (its bias
+    and |weight|); kdrun has no such BN for every tap, so the per-channel mean and std of the
+    teacher's tap are accumulated over the training batches (fp64 buffers ``t_mean<j>`` and
+    ``t_var<j>``, merged batch by batch, saved with the run) and the margin is computed from them.
+    The authors' CIFAR-100 code divides by 1000: ``weight: 1.0e-3`` (also mdistiller's CIFAR
+    default).
     """
 
     name = "ofd"
@@ -445,29 +491,35 @@ class OFD(StagePairsTerm):
     def __init__(self, weight: float = 1e-3) -> None:
         super().__init__(weight)
         self.connectors = nn.ModuleList()
-        self.register_buffer("seen", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.float64))
 
     def setup(self, student_shapes, teacher_shapes, info=None) -> None:
         pairs = self.pair_stages(student_shapes, teacher_shapes)
         self.connectors = nn.ModuleList(ConvBN(student_shapes[sk][0], teacher_shapes[tk][0]) for sk, tk in pairs)
         for j, (_, tk) in enumerate(pairs):
             c = teacher_shapes[tk][0]
-            self.register_buffer(f"t_mean{j}", torch.zeros(c))
-            self.register_buffer(f"t_sqmean{j}", torch.zeros(c))
-        self.seen = torch.zeros(())
+            self.register_buffer(f"t_mean{j}", torch.zeros(c, dtype=torch.float64))
+            self.register_buffer(f"t_var{j}", torch.zeros(c, dtype=torch.float64))
+        self.seen = torch.zeros((), dtype=torch.float64)
 
     def margin(self, j: int) -> torch.Tensor:
-        """The current per-channel margin of pair j, shaped (1, C, 1, 1)."""
-        mean, sq = getattr(self, f"t_mean{j}"), getattr(self, f"t_sqmean{j}")
-        std = (sq - mean * mean).clamp_min(0).sqrt()
-        return gaussian_negative_mean(mean, std).view(1, -1, 1, 1)
+        """The current per-channel margin of pair j (fp32), shaped (1, C, 1, 1)."""
+        mean, var = getattr(self, f"t_mean{j}"), getattr(self, f"t_var{j}")
+        return gaussian_negative_mean(mean, var.clamp_min(0).sqrt()).float().view(1, -1, 1, 1)
 
     @torch.no_grad()
     def _update_stats(self, j: int, target: torch.Tensor) -> None:
+        """Merge the batch's per-channel mean and (population) variance into the running ones:
+        with f = batch / (seen + batch) and d = batch mean - mean::
+
+            mean += f d,   var += f (batch var - var) + f (1 - f) d^2
+        """
         frac = target.shape[0] / (self.seen + target.shape[0])  # a tensor: no host sync
-        mean, sq = getattr(self, f"t_mean{j}"), getattr(self, f"t_sqmean{j}")
-        mean += (target.mean(dim=(0, 2, 3)) - mean) * frac
-        sq += (target.pow(2).mean(dim=(0, 2, 3)) - sq) * frac
+        var_b, mean_b = torch.var_mean(target, dim=(0, 2, 3), correction=0)
+        mean, var = getattr(self, f"t_mean{j}"), getattr(self, f"t_var{j}")
+        delta = mean_b.double() - mean
+        var += (var_b.double() - var) * frac + delta * delta * (frac * (1 - frac))
+        mean += delta * frac
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         n = len(self.pairs)
@@ -504,18 +556,22 @@ def hcl(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
 class ReviewKD(StagePairsTerm):
     """Knowledge review: Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021.
 
-    Levels: the paired stages plus the pooled ``embedding`` (as a 1x1 map). Student features are
-    fused from the deepest level down by attention-based fusion (ABF) modules, so each level's
-    output "reviews" the deeper ones; each output is matched to the teacher's feature at that level
-    (pre-ReLU stage taps, as in the paper's code, unless ``teacher_preact: false``) with the
-    hierarchical context loss HCL (MSE at full size plus 4x4/2x2/1x1 pooled MSEs)::
+    Levels: the paired stages plus the pooled ``embedding`` (as a 1x1 map). Student features
+    (post-ReLU stage taps) are fused from the deepest level down by attention-based fusion (ABF)
+    modules, so each level's output "reviews" the deeper ones; each output is matched to the
+    teacher's feature at that level (pre-ReLU stage taps, as in the authors' code, unless
+    ``teacher_preact: false``; the pooled embedding) with the hierarchical context loss HCL (MSE
+    at full size plus 4x4/2x2/1x1 pooled MSEs)::
 
-        L = min(1, epoch / warmup_epochs) * sum_levels HCL(ABF_l(S_l, fused_{l+1}), T_l)
+        L = min(1, e / warmup_epochs) * sum_levels HCL(ABF_l(S_l, fused_{l+1}), T_l)
 
-    The ABF middle width is min(max_mid_channels, student embedding width). Defaults: weight 1,
-    warm-up 20 epochs (the authors' and mdistiller's defaults); the authors' CIFAR-100 scripts use
-    weight 5 for resnet32x4->resnet8x4 and the wrn_40_2 pairs, 8 for resnet32x4->ShuffleNetV2,
-    0.6 for resnet56->resnet20 and 1 for resnet110->resnet32.
+    with ``e`` the 0-based number of the current epoch (a step per epoch: 0 in the first epoch),
+    as the authors' CIFAR-100 train.py (mdistiller counts epochs from 1, one epoch ahead). The
+    default equals the authors' ReviewKD + hcl (dvlab-research/ReviewKD, CIFAR-100
+    model/reviewkd.py). The ABF middle width is min(max_mid_channels, student embedding width).
+    Defaults: weight 1, warm-up 20 epochs (the authors' and mdistiller's defaults); the authors'
+    CIFAR-100 scripts use weight 5 for resnet32x4->resnet8x4 and the wrn_40_2 pairs, 8 for
+    resnet32x4->ShuffleNetV2, 0.6 for resnet56->resnet20 and 1 for resnet110->resnet32.
     """
 
     name = "reviewkd"
@@ -548,7 +604,8 @@ class ReviewKD(StagePairsTerm):
         )
 
     def warmup(self, step: Step) -> float:
-        return 1.0 if self.warmup_epochs <= 0 else min(1.0, float(step.epoch) / self.warmup_epochs)
+        """``min(1, floor(epoch) / warmup_epochs)``: constant within an epoch (1 without warm-up)."""
+        return 1.0 if self.warmup_epochs <= 0 else min(1.0, math.floor(step.epoch) / self.warmup_epochs)
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         s_feats = [s[sk] for sk, _ in self.pairs] + [s["embedding"][:, :, None, None]]
@@ -571,7 +628,9 @@ class VID(StagePairsTerm):
 
         L = sum_j mean_{b,c,h,w} 0.5 * [ (t - mu(s))^2 / sigma_c^2 + log sigma_c^2 ]
 
-    (the negative log-likelihood up to a constant). alpha starts where sigma^2 = init_pred_var.
+    (the negative log-likelihood up to a constant). alpha starts where sigma^2 = init_pred_var and
+    trains with the student, as in RepDistiller's VIDLoss (mdistiller's vid_loss has the same
+    formula but keeps its variances in a plain list, so they never train).
     """
 
     name = "vid"

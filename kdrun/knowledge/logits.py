@@ -6,6 +6,8 @@ under bf16/fp16 autocast) and detaches the teacher's, so gradients reach only th
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -28,10 +30,11 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Z-score every row: ``(z - mean(z)) / (std(z) + eps)`` with the population std (1/K), fp32."""
+    """Z-score every row: ``(z - mean(z)) / (std(z) + eps)``, fp32, with the sample std
+    ``std(z) = sqrt(sum_k (z_k - mean(z))^2 / (K - 1))`` and ``eps = 1e-7`` (LSKD's ``normalize``)."""
     z = logits.float()
     centred = z - z.mean(dim=1, keepdim=True)
-    std = centred.pow(2).mean(dim=1, keepdim=True).sqrt()
+    std = (centred.pow(2).sum(dim=1, keepdim=True) / (z.shape[1] - 1)).sqrt()
     return centred / (std + eps)
 
 
@@ -45,8 +48,8 @@ class KD(KnowledgeTerm):
 
     ``standardize=True``: logit standardisation of Sun et al., CVPR 2024, "Logit Standardization in
     Knowledge Distillation": both networks' logits are z-scored per sample,
-    ``Z(z) = (z - mean(z)) / std(z)``, before the division by T, so the student matches the
-    teacher's logit *relations* rather than their range and scale.
+    ``Z(z) = (z - mean(z)) / (std(z) + 1e-7)`` with the sample std (1/(K-1)), before the division
+    by T, so the student matches the teacher's logit *relations* rather than their range and scale.
     """
 
     name = "kd"
@@ -65,6 +68,10 @@ class KD(KnowledgeTerm):
 
     def requested_ce_weight(self) -> float:
         return 1.0 - self.alpha
+
+    def setup(self, student_shapes, teacher_shapes, info=None) -> None:
+        if self.standardize and student_shapes["logits"][0] < 2:
+            raise ConfigError("loss.kd.standardize=true needs at least 2 classes (the std of one logit is undefined)")
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         z_s, z_t = s["logits"], t["logits"].detach()
@@ -126,10 +133,11 @@ def dkd_parts(
 class DKD(KnowledgeTerm):
     """Zhao et al., CVPR 2022, "Decoupled Knowledge Distillation".
 
-    ``L = min(epoch / warmup, 1) * (alpha * TCKD + beta * NCKD)``, batch mean, where TCKD is the
+    ``L = min(e / warmup, 1) * (alpha * TCKD + beta * NCKD)``, batch mean, where TCKD is the
     target-class KD (binary target / non-target distributions) and NCKD the non-target-class KD
     (distribution over the non-target classes), both at temperature T and scaled by T^2 (see
-    :func:`dkd_parts`). ``epoch`` is the fractional, 0-based epoch of the step.
+    :func:`dkd_parts`). ``e`` is the 1-based number of the step's epoch, constant within the epoch
+    (``floor(step.epoch) + 1``), as mdistiller counts it: the first epoch already gets ``1 / warmup``.
     """
 
     name = "dkd"
@@ -151,8 +159,8 @@ class DKD(KnowledgeTerm):
             raise ConfigError(f"loss.dkd needs at least 2 classes; the dataset has {classes}")
 
     def warmup_factor(self, epoch: float) -> float:
-        """Linear warm-up of the whole term: ``min(epoch / warmup, 1)``."""
-        return 1.0 if self.warmup == 0 else min(float(epoch) / self.warmup, 1.0)
+        """Warm-up of the whole term at the fractional 0-based ``epoch``: ``min((floor(epoch) + 1) / warmup, 1)``."""
+        return 1.0 if self.warmup == 0 else min((math.floor(epoch) + 1) / self.warmup, 1.0)
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         tckd, nckd = dkd_parts(s["logits"], t["logits"].detach(), step.targets, self.temperature)
@@ -174,11 +182,13 @@ class DIST(KnowledgeTerm):
     inter-class relation ``L_inter = 1/B sum_i d(Y_s[i, :], Y_t[i, :])`` (each sample's
     predictions across classes), intra-class relation ``L_intra = 1/C sum_c d(Y_s[:, c], Y_t[:, c])``
     (each class's predictions across the batch), ``L = tau^2 * (beta * L_inter + gamma * L_intra)``.
+    The defaults split the paper's CIFAR-100 beta = gamma = 2 as the authors' code does: the loss
+    with beta = gamma = 1 and tau = 4 (their ``dist_t4``), weighted 2 (their ``kd_loss_weight``).
     """
 
     name = "dist"
 
-    def __init__(self, weight: float = 1.0, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0) -> None:
+    def __init__(self, weight: float = 2.0, beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0) -> None:
         super().__init__(weight)
         self.beta, self.gamma, self.temperature = float(beta), float(gamma), float(temperature)
         require(self.beta >= 0, self.name, "beta", beta, "must be >= 0")

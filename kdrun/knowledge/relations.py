@@ -64,8 +64,10 @@ class RKD(KnowledgeTerm):
     Distance-wise potential ``psi_D(i, j) = ||t_i - t_j|| / mu`` with ``mu`` the mean distance over
     the pairs ``i != j`` of the batch; angle-wise potential ``psi_A(i, j, k) = cos angle(t_i, t_j, t_k)
     = <e_ji, e_jk>`` (unit vectors from t_j). Both are matched with the Huber loss (smooth L1,
-    delta 1), averaged over the pairs ``i != j`` and over the triplets of distinct samples:
-    ``L = distance_weight * L_D + angle_weight * L_A``.
+    delta 1), averaged over the full B x B and B x B x B tensors, ``L = distance_weight * L_D +
+    angle_weight * L_A``. The paper sums over X^2 and X^3; this mean over every entry -- the zero
+    diagonal and the degenerate triplets (cosine 0 at a repeated apex, 1 for ``i == k``) count,
+    but match exactly -- is RepDistiller's and mdistiller's, the normalisation of the published weights.
     """
 
     name = "rkd"
@@ -91,20 +93,16 @@ class RKD(KnowledgeTerm):
         return d / mean.clamp_min(eps)
 
     def distance_loss(self, e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
-        b = len(e_s)
-        if b < 2:
+        """Huber loss of the normalised distances, mean over all B^2 entries (zero diagonal included)."""
+        if len(e_s) < 2:
             return _zero(e_s)
-        pairs = ~torch.eye(b, dtype=torch.bool, device=e_s.device)
-        return F.smooth_l1_loss(self.normalized_distances(e_s)[pairs], self.normalized_distances(e_t)[pairs])
+        return F.smooth_l1_loss(self.normalized_distances(e_s), self.normalized_distances(e_t))
 
     def angle_loss(self, e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
-        b = len(e_s)
-        if b < 3:
+        """Huber loss of the angle cosines, mean over all B^3 entries (degenerate triplets included)."""
+        if len(e_s) < 3:
             return _zero(e_s)
-        idx = torch.arange(b, device=e_s.device)
-        j, i, k = idx[:, None, None], idx[None, :, None], idx[None, None, :]
-        distinct = (i != j) & (k != j) & (i != k)
-        return F.smooth_l1_loss(angle_cosines(e_s)[distinct], angle_cosines(e_t)[distinct])
+        return F.smooth_l1_loss(angle_cosines(e_s), angle_cosines(e_t))
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         with full_precision(s[self.tap]):
@@ -156,9 +154,11 @@ class SP(KnowledgeTerm):
             return (g_t - g_s).pow(2).sum() / (len(f_s) ** 2)
 
 
-def cosine_conditional_probabilities(f: torch.Tensor) -> torch.Tensor:
-    """``P[i, j] = K(f_i, f_j) / sum_k K(f_i, f_k)`` with the cosine kernel ``K = (cos + 1) / 2``."""
-    f = F.normalize(flat32(f), dim=1)
+def cosine_conditional_probabilities(f: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``P[i, j] = K(f_i, f_j) / sum_k K(f_i, f_k)`` with the cosine kernel ``K = (cos + 1) / 2``,
+    the rows scaled by ``1 / (||f_i|| + eps)`` (an all-zero row stays zero: cosine 0)."""
+    f = flat32(f)
+    f = f / (f.norm(dim=1, keepdim=True) + eps)
     kernel = (f @ f.t() + 1.0) / 2.0
     return kernel / kernel.sum(dim=1, keepdim=True)
 
@@ -189,8 +189,8 @@ class PKT(KnowledgeTerm):
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
         with full_precision(s[self.tap]):
-            q = cosine_conditional_probabilities(s[self.tap])
-            p = cosine_conditional_probabilities(t[self.tap].detach())
+            q = cosine_conditional_probabilities(s[self.tap], self.eps)
+            p = cosine_conditional_probabilities(t[self.tap].detach(), self.eps)
             return (p * torch.log((p + self.eps) / (q + self.eps))).mean()
 
 
@@ -208,20 +208,45 @@ def taylor_rbf_kernel(f: torch.Tensor, gamma: float, order: int) -> torch.Tensor
     return kernel
 
 
+def adjacent_correlation(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
+    """RepDistiller's CC loss on two embeddings of one width: with ``delta = |e_s - e_t|`` (B x D),
+    ``1/(B-1) sum_{i<B} sum_d delta[i, d] * delta[i+1, d]`` (each sample paired with the next)."""
+    delta = (e_s - e_t).abs()
+    return (delta[:-1] * delta[1:]).sum(dim=1).mean()
+
+
 class CC(KnowledgeTerm):
     """Peng et al., ICCV 2019, "Correlation Congruence for Knowledge Distillation", on ``embedding``.
 
-    The student's embedding first passes a linear embedding (student dim -> teacher dim, an adapter
-    trained with the student). The correlation matrix of a batch is the Gaussian RBF kernel of its
-    L2-normalised features, Taylor-expanded to order P (:func:`taylor_rbf_kernel`);
-    ``L = ||psi(F_t) - psi(F_s)||_F^2 / B^2``.
+    ``kernel="repdistiller"`` (default): RepDistiller's ``Correlation``, the code behind the
+    published CIFAR-100 numbers and the weight 0.02. Both networks' embeddings pass their own linear
+    embedding to ``embed_dim`` (128) -- two adapters, both trained with the student -- and
+    ``L = 1/(B-1) sum_i sum_d |s_i - t_i|_d |s_{i+1} - t_{i+1}|_d`` (:func:`adjacent_correlation`).
+
+    ``kernel="taylor"``: the paper's correlation congruence. Only the student's embedding passes a
+    linear embedding (student dim -> teacher dim); the correlation matrix of a batch is the Gaussian
+    RBF kernel of its L2-normalised features, Taylor-expanded to ``order`` P with ``gamma``
+    (:func:`taylor_rbf_kernel`), and ``L = ||psi(F_t) - psi(F_s)||_F^2 / B^2``.
+    ``weight=None`` takes the kernel's default, :data:`DEFAULT_WEIGHTS`.
     """
 
     name = "cc"
     tap = "embedding"
+    #: weight=None: RepDistiller's 0.02; for the Taylor kernel see conf/loss/cc.yaml
+    DEFAULT_WEIGHTS = {"repdistiller": 0.02, "taylor": 10.0}
 
-    def __init__(self, weight: float = 0.02, gamma: float = 0.4, order: int = 2) -> None:
-        super().__init__(weight)
+    def __init__(
+        self, weight: float | None = None, kernel: str = "repdistiller", embed_dim: int = 128,
+        gamma: float = 0.4, order: int = 2,
+    ) -> None:
+        require(kernel in self.DEFAULT_WEIGHTS, self.name, "kernel", kernel, "must be repdistiller or taylor")
+        super().__init__(self.DEFAULT_WEIGHTS[kernel] if weight is None else weight)
+        self.kernel = kernel
+        require(
+            isinstance(embed_dim, int) and not isinstance(embed_dim, bool) and embed_dim >= 1,
+            self.name, "embed_dim", embed_dim, "must be an integer >= 1 (width of the repdistiller embeddings)",
+        )
+        self.embed_dim = embed_dim
         self.gamma = float(gamma)
         require(self.gamma > 0, self.name, "gamma", gamma, "must be > 0")
         require(
@@ -229,7 +254,8 @@ class CC(KnowledgeTerm):
             self.name, "order", order, "must be an integer >= 1 (order of the Taylor series)",
         )
         self.order = order
-        self.embed: nn.Linear | None = None
+        self.embed_s: nn.Linear | None = None
+        self.embed_t: nn.Linear | None = None
 
     def student_taps(self) -> set[str]:
         return {self.tap}
@@ -239,12 +265,20 @@ class CC(KnowledgeTerm):
 
     def setup(self, student_shapes, teacher_shapes, info=None) -> None:
         s_dim, t_dim = math.prod(student_shapes[self.tap]), math.prod(teacher_shapes[self.tap])
-        self.embed = nn.Linear(s_dim, t_dim)
+        if self.kernel == "taylor":
+            self.embed_s = nn.Linear(s_dim, t_dim)
+        else:
+            self.embed_s, self.embed_t = nn.Linear(s_dim, self.embed_dim), nn.Linear(t_dim, self.embed_dim)
 
     def forward(self, s: Taps, t: Taps, step: Step) -> torch.Tensor:
-        if self.embed is None:
-            raise RuntimeError("loss.cc: call setup() first (it builds the student -> teacher embedding)")
+        if self.embed_s is None:
+            raise RuntimeError("loss.cc: call setup() first (it builds the linear embeddings)")
         with full_precision(s[self.tap]):
-            k_s = taylor_rbf_kernel(self.embed(flat32(s[self.tap])), self.gamma, self.order)
-            k_t = taylor_rbf_kernel(t[self.tap].detach(), self.gamma, self.order)
-            return (k_t - k_s).pow(2).sum() / (len(k_s) ** 2)
+            e_s, f_t = self.embed_s(flat32(s[self.tap])), flat32(t[self.tap].detach())
+            if self.kernel == "taylor":
+                k_s = taylor_rbf_kernel(e_s, self.gamma, self.order)
+                k_t = taylor_rbf_kernel(f_t, self.gamma, self.order)
+                return (k_t - k_s).pow(2).sum() / (len(k_s) ** 2)
+            if len(e_s) < 2:  # no adjacent pair
+                return _zero(e_s) + _zero(self.embed_t(f_t))
+            return adjacent_correlation(e_s, self.embed_t(f_t))
