@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from kdrun.config import compose
 from kdrun.errors import ConfigError
@@ -72,14 +73,17 @@ def test_every_experiment_file_composes_with_its_pair(pair):
     teacher, student, beta = EXPECTED[pair]
     cfg = compose([f"experiment=cifar100/{pair}"])
     assert (cfg.teacher.name, cfg.student.name) == (teacher, student)
-    assert cfg.pair.name == pair and float(cfg.pair.dkd_beta) == beta
+    assert cfg.pair.name == pair
     assert cfg.dataset.name == "cifar100" and cfg.trainer.epochs == 240 and cfg.optim.lr == 0.05
     assert list(cfg.sched.milestones) == [150, 180, 210]
     # CRD recipe: lr 0.01 for MobileNetV2/ShuffleNet students (from conf/student), the rest optim.lr
     assert cfg.student.lr == (0.01 if student in ("mobilenetv2", "shufflenetv1", "shufflenetv2") else None)
-    assert "dkd" not in cfg.loss  # the beta must not break other methods
-    dkd = compose([f"experiment=cifar100/{pair}", "loss=dkd", "loss.dkd.beta=${pair.dkd_beta}"])
-    assert float(dkd.loss.dkd.beta) == beta
+    assert "dkd" not in cfg.loss  # the pair's DKD beta must not break other methods
+    # the pair's beta applies by itself whenever dkd is selected (alone or in a combination) ...
+    assert float(compose([f"experiment=cifar100/{pair}", "loss=dkd"]).loss.dkd.beta) == beta
+    assert float(compose([f"experiment=cifar100/{pair}", "loss=kd+dkd"]).loss.dkd.beta) == beta
+    # ... and a value on the command line still wins
+    assert float(compose([f"experiment=cifar100/{pair}", "loss=dkd", "loss.dkd.beta=3"]).loss.dkd.beta) == 3
 
 
 def test_pairs_are_the_experiment_files_in_table_order():
@@ -160,7 +164,7 @@ def test_dry_run_commands(capsys, tmp_path):
     assert all("hydra/launcher=parallel" in c and "'sched.milestones=[15,18,21]'" in c for c in cmds)
     dkd = [c for c in cmds if "loss=dkd" in c]
     assert len(dkd) == 2 and all("loss.dkd.warmup=2" in c for c in dkd)  # 20 of 240 epochs -> 2 of 24
-    assert "loss.dkd.beta=2.0" in dkd[0] and "loss.dkd.beta" not in " ".join(c for c in cmds if c not in dkd)
+    assert "loss.dkd.beta" not in " ".join(cmds)  # the pair's beta comes with its experiment file
     assert sum("loss=ab " in c and "loss.ab.init_epochs=3" in c for c in cmds) == 2  # 30 of 240 -> 3 of 24
     assert sum("loss=kd " in c and "loss.kd.alpha" not in c for c in cmds) == 2
     assert sum("loss=crd+kd " in c and "loss.kd.alpha=0.5" in c for c in cmds) == 2
@@ -172,9 +176,10 @@ def test_dry_run_commands(capsys, tmp_path):
 def test_full_recipe_commands_keep_the_recipe(capsys, tmp_path):
     assert main(["--pairs", "r32x4_sv1", "--methods", "ab,fsp,dkd", "--out", str(tmp_path), "--dry-run"]) == 0
     cmds = [line for line in capsys.readouterr().out.splitlines() if line.startswith("kdrun -m")]
-    assert any("loss=ab,fsp seed=0,1,2 " in c for c in cmds)  # no scaling: init stages keep their 30 epochs
+    # no scaling: init stages keep their 30 epochs; nothing sets dkd apart (its beta comes with the pair)
+    assert any("loss=ab,fsp,dkd seed=0,1,2 " in c for c in cmds)
     assert not any("init_epochs" in c or "milestones" in c or "warmup" in c for c in cmds)
-    assert any("loss=dkd" in c and "loss.dkd.beta=8.0" in c for c in cmds)
+    assert not any("loss.dkd.beta" in c for c in cmds)
 
 
 def test_init_and_schedule_lengths_scale_with_the_epochs():
@@ -189,9 +194,10 @@ def test_init_and_schedule_lengths_scale_with_the_epochs():
 # ---------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    """kd and dkd on r56_r20 (models swapped for resnet8), and an AT job that fails (negative weight)."""
+    """kd and dkd on r56_r20 (models swapped for resnet8), and an AT job that fails while running
+    (its teacher checkpoint does not exist: the preflight stops that job; the others go on)."""
     root = tmp_path_factory.mktemp("repro")
-    args = ["--pairs", "r56_r20", "--methods", "kd,dkd,at", *TINY, "--override", "at:loss.at.weight=-1",
+    args = ["--pairs", "r56_r20", "--methods", "kd,dkd,at", *TINY, "--override", "at:teacher.checkpoint=/nonexistent/t.pt",
             "--store", str(root / "store"), "--out", str(root / "out")]
     rc = main(args)
     return root, args, rc
@@ -214,7 +220,7 @@ def test_runner_writes_both_tables_with_ours_and_published(e2e):
         assert teacher[0] != GAP and vanilla[0] != GAP
     assert md_row(md, "Last-epoch top-1 (%)", "DKD")[0][1] == "71.97†"  # best-epoch number, last table
     assert md_row(md, "Best-epoch top-1 (%)", "DKD")[0][1] == "71.97"
-    assert "r56_r20 at seed 0: failed: loss.at.weight=-1.0 must be >= 0" in md
+    assert "r56_r20 at seed 0: failed: checkpoint not found: /nonexistent/t.pt" in md
     assert "this run used resnet8 -> resnet8" in md
 
     wide = read_csv(out / "reproduction.csv")
@@ -231,14 +237,16 @@ def test_runner_writes_both_tables_with_ours_and_published(e2e):
 
 def test_dkd_jobs_get_the_pairs_beta_and_init_lengths_scale(e2e):
     root, _, _ = e2e
-    overrides = {}
+    overrides, configs = {}, {}
     for path in (root / "out" / "sweeps" / "r56_r20").glob("*/*/.hydra/overrides.yaml"):
         text = path.read_text()
         loss = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("- loss="))
         overrides[loss] = text
+        configs[loss] = OmegaConf.load(path.parent.parent / "config.yaml")
     assert set(overrides) == {"kd", "dkd", "at"}
-    assert "loss.dkd.beta=2.0" in overrides["dkd"] and "loss.dkd.warmup=0" in overrides["dkd"]
-    assert "loss.dkd" not in overrides["kd"] and "loss.at.weight=-1" in overrides["at"]
+    assert "loss.dkd.warmup=0" in overrides["dkd"]
+    assert configs["dkd"].loss.dkd.beta == 2.0  # r56_r20's DKD beta, from conf/recipe/dkd/cifar100/
+    assert "loss.dkd" not in overrides["kd"] and "teacher.checkpoint=/nonexistent/t.pt" in overrides["at"]
 
 
 def test_a_second_run_reuses_what_is_done(e2e, capsys):

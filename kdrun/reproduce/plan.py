@@ -8,7 +8,7 @@ Every (pair, method, seed) is one kdrun job with a fixed list of command-line ov
 ``common`` is the budget (``dataset=``, ``trainer.epochs=``, ``trainer.limit_train_batches=``,
 ``paths.store=``), the user's pass-through overrides and, when the epochs differ from the recipe's
 240, the lr milestones scaled to the budget. ``method extras`` are what only that method's config
-has: ``loss.dkd.beta=<pair.dkd_beta>`` (and the scaled DKD warm-up) for dkd, the scaled
+has: the scaled DKD warm-up for dkd (the pair's DKD beta comes with its experiment file), the scaled
 ``loss.<term>.init_epochs`` for ab/ft/fsp, and user overrides given as ``METHOD:KEY=VALUE``.
 
 Jobs of one pair whose extras are equal run as one sweep (``loss=kd,fitnet,... seed=0,1,2``);
@@ -160,7 +160,7 @@ def describe_pairs(pairs: list[str], common: list[str]) -> dict[str, PairInfo]:
         node = base.get("pair") or {}
         infos[pair] = PairInfo(
             name=pair, teacher=str(cfg.teacher.name), student=str(cfg.student.name),
-            family=str(node.get("family", "")), dkd_beta=float(node.get("dkd_beta", 8.0)),
+            family=str(node.get("family", "")), dkd_beta=float(_compose([exp, "loss=dkd"]).loss.dkd.beta),
             recipe_teacher=str(base.teacher.name), recipe_student=str(base.student.name),
         )
     return infos
@@ -235,10 +235,8 @@ def _vanilla_key(student: str, overrides: list[str] | frozenset[str]) -> tuple:
 def method_extras(method: str, info: PairInfo, recipe: Recipe, options: Options) -> list[str]:
     m = BY_NAME[method]
     extras: list[str] = []
-    if method == "dkd":
-        extras.append(f"loss.dkd.beta={info.dkd_beta!r}")
-        if recipe.scaled:
-            extras.append(f"loss.dkd.warmup={recipe.scale(recipe.dkd_warmup, 0)}")
+    if method == "dkd" and recipe.scaled:  # the pair's beta comes with the experiment (conf/recipe/dkd/)
+        extras.append(f"loss.dkd.warmup={recipe.scale(recipe.dkd_warmup, 0)}")
     if m.init_term and recipe.scaled:
         extras.append(f"loss.{m.init_term}.init_epochs={recipe.scale(recipe.init_epochs[m.init_term], 1)}")
     return merge(extras, options.method_overrides.get(method, []))
