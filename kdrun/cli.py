@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -23,7 +24,8 @@ import hydra
 from omegaconf import DictConfig
 
 from kdrun.config import CONF_DIR, check_overrides, normalize_argv, register_resolvers
-from kdrun.errors import ConfigError, KdrunError
+from kdrun.config.command_line import check_command_line
+from kdrun.errors import ConfigError, Interrupted, KdrunError
 
 # Jobs of parallel and cluster launchers run in other processes; whichever way they load the task
 # function from this module, the resolver of the run-dir name must exist there as well.
@@ -118,10 +120,9 @@ def _job(cfg: DictConfig, multirun: bool):
     from kdrun.run import run
 
     try:
-        summary = run(cfg)
-    except KeyboardInterrupt:
-        _error("interrupted; summary.json says status failed")
-        sys.exit(130)
+        summary = run(cfg, keep_rejected=multirun)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc, multirun)
     except KdrunError as exc:
         _error(str(exc))
         if multirun:
@@ -129,6 +130,11 @@ def _job(cfg: DictConfig, multirun: bool):
             # sweeper records a None as a failed trial and goes on (a NaN makes Optuna 2.x raise)
             return None
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the output location filled up or went away while running
+        _error(_os_error_text(exc))
+        if multirun:
+            return None
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - the traceback goes to kdrun.log, the user gets one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _error(f"{type(exc).__name__}: {first} (traceback in the run dir's kdrun.log)")
@@ -147,6 +153,42 @@ def _job(cfg: DictConfig, multirun: bool):
         _error(f"optimize_metric={metric} is not a summary.json key; valid: {', '.join(numeric)}")
         sys.exit(2)
     return summary[str(metric)]
+
+
+def _os_error_text(exc: OSError) -> str:
+    where = f" {exc.filename}" if exc.filename else ""
+    return (f"cannot write{where}: {exc.strerror or exc}; free space there or write elsewhere with "
+            "paths.output_root=DIR")
+
+
+def resume_command(argv: list[str], run_dir: str, multirun: bool) -> str:
+    """The command that continues an interrupted run (or sweep) where it stopped."""
+    import shlex
+
+    dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    keep = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in (dir_key, "trainer.resume")]
+    return shlex.join(["kdrun", *keep, f"{dir_key}={run_dir}", "trainer.resume=true"])
+
+
+def _interrupted(exc: KeyboardInterrupt, multirun: bool) -> None:
+    """Ctrl-C or SIGTERM: say where the run stopped and how to resume it; exit 130 / 143."""
+    import signal as signals
+
+    from hydra.core.hydra_config import HydraConfig
+
+    signum = getattr(exc, "signum", signals.SIGINT)
+    hc = HydraConfig.get()
+    where = hc.sweep.dir if multirun else hc.runtime.output_dir
+    command = resume_command(sys.argv[1:], str(where), multirun)
+    name = signals.Signals(signum).name
+    _error(f"interrupted by {name}; summary.json says status interrupted; resume with:")
+    print(command, file=sys.stderr, flush=True)
+    try:
+        with open(os.path.join(hc.runtime.output_dir, "kdrun.log"), "a") as log_file:
+            log_file.write(f"kdrun: interrupted by {name}; resume with:\n{command}\n")
+    except OSError:
+        pass
+    sys.exit(128 + int(signum))
 
 
 def _sweeper_optimises() -> bool:
@@ -189,8 +231,24 @@ def _report_sweep() -> None:
         sys.exit(1)
 
 
+def _on_sigterm(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _main(argv)
+    except BrokenPipeError:  # `kdrun --help | head -1`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)
+    except KeyboardInterrupt as exc:  # before or after any run (a run's own interrupt is handled in _job)
+        sys.exit(getattr(exc, "exit_code", 130))
+
+
+def _main(argv: list[str]) -> None:
     if not sys.stdout.isatty():
         os.environ.setdefault("COLUMNS", "160")  # rich wraps at 80 columns in logs and pipes otherwise
     register_resolvers()
@@ -198,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_overrides(argv)
         check_plugins(argv)
+        check_command_line(argv)
     except KdrunError as exc:
         _error(str(exc))
         sys.exit(exc.exit_code)
@@ -209,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0] if sys.argv else "kdrun"] + argv
     try:
         _hydra_entry()
+        sys.stdout.flush()
     finally:
         if rank != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             shutil.rmtree(scratch, ignore_errors=True)

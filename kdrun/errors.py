@@ -37,6 +37,16 @@ class DivergedError(KdrunError):
     status = "diverged"
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (``timeout``, SLURM preemption, Kubernetes) handled like Ctrl-C: the run stops, its
+    summary says ``interrupted``, the CLI prints the resume command and exits 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 def choices_text(choices) -> str:
     """Render valid choices for an error message: ``a, b, c``."""
     return ", ".join(sorted(str(c) for c in choices))

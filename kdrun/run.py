@@ -6,6 +6,7 @@ Tests call :func:`run` directly; the CLI calls it from the Hydra entrypoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -22,11 +23,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.config import instantiate, loss_name, parse_overrides, to_plain
+from kdrun.config.checks import validate
 from kdrun.data import build_data
 from kdrun.engine import distributed as dist
 from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
 from kdrun.engine.device import amp_name, resolve_amp, resolve_device
-from kdrun.engine.io import write_json, write_text
+from kdrun.engine.io import clean_temp_files, write_json, write_text
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.progress import progress_enabled
 from kdrun.engine.store import MODEL_FILE, ModelStore
@@ -47,25 +49,14 @@ RESULT_KEYS = (
 
 
 # ---------------------------------------------------------------------------- start-up checks
-def validate(cfg: DictConfig) -> None:
-    """Reject bad numbers before anything trains (names were checked before composing)."""
-    t = cfg.trainer
-    if int(t.epochs) < 0:
-        raise ConfigError(f"trainer.epochs={t.epochs} must be >= 0")
-    for key in ("batch_size", "eval_batch_size", "eval_every", "log_every"):
-        if int(t[key]) < 1:
-            raise ConfigError(f"trainer.{key}={t[key]} must be >= 1")
-    for key in ("limit_train_batches", "limit_eval_batches"):
-        if t[key] is not None and int(t[key]) < 1:
-            raise ConfigError(f"trainer.{key}={t[key]} must be >= 1 or null")
-    for role in ("teacher", "student"):
-        node = cfg.get(role)
-        if node is not None and node.get("epochs") is not None and int(node.epochs) < 0:
-            raise ConfigError(f"{role}.epochs={node.epochs} must be >= 0")
-        if node is not None and node.get("lr") is not None and float(node.lr) <= 0:
-            raise ConfigError(f"{role}.lr={node.lr} must be > 0")
-    if float(cfg.optim.lr) <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
+def validate_run_config(cfg: DictConfig) -> None:
+    """Every check that needs no data and no model: values, knowledge terms, the scheme's wishes.
+
+    The CLI calls it before Hydra creates the run dir; :func:`run` calls it again first thing.
+    """
+    validate(cfg)
+    build_knowledge(cfg.loss if str(cfg.scheme.name) != "baseline" else {}, cfg.get("ce_weight", "auto"))
+    instantiate(cfg.scheme).validate(cfg)
 
 
 # ---------------------------------------------------------------------------- summary
@@ -90,8 +81,8 @@ def initial_summary(cfg: DictConfig, overrides: Iterable[str]) -> dict:
         "student": _model_label(cfg.get("student")),
         "loss": "none" if scheme == "baseline" else loss_name(cfg.loss),
         "dataset": str(cfg.dataset.name),
-        "seed": int(cfg.seed),
-        "epochs": int(cfg.trainer.epochs),
+        "seed": cfg.get("seed"),
+        "epochs": cfg.trainer.get("epochs"),
     }
     summary.update({k: None for k in RESULT_KEYS})
     if cfg.get("compare_baseline"):
@@ -115,17 +106,20 @@ class RunContext:
     """What a scheme can use: config, data, device, trainer, store, and model helpers."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, data, device, amp_dtype, knowledge: KnowledgeSet,
-                 world: dist.World = dist.SINGLE):
+                 world: dist.World = dist.SINGLE, dry: bool = False):
+        """``dry``: the preflight: models are built (checkpoints loaded and checked) but never trained
+        nor stored, every stage takes one step on two images, nothing is written."""
         self.cfg = cfg
         self.world = world
         self.run_dir = run_dir
         self.data = data
         self.device = device
         self.amp_dtype = amp_dtype
+        self.dry = dry
         self.knowledge = knowledge  # built at start-up (its checks ran there); schemes build fresh copies
         self.trainer = Trainer(cfg, data, device, amp_dtype, progress=progress_enabled(cfg.trainer.progress),
-                               world=world)
-        self.metrics = MetricsWriter(run_dir / "metrics.csv")
+                               world=world, dry=dry)
+        self.metrics = MetricsWriter(None if dry else run_dir / "metrics.csv")
         if not bool(cfg.trainer.resume):
             self.metrics.rows = []
         self.store = ModelStore(cfg.paths.store)
@@ -150,7 +144,7 @@ class RunContext:
         if self.world.active and bool(self.cfg.trainer.get("sync_bn", False)):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = self.place(model)
-        if bool(self.cfg.trainer.get("compile", False)):
+        if bool(self.cfg.trainer.get("compile", False)) and not self.dry:
             # compile the forwards as instance attributes: the module stays a plain nn.Module, so
             # its checkpoints, taps and state-dict keys are unchanged
             model.forward_taps = torch.compile(model.forward_taps, dynamic=False)
@@ -188,7 +182,7 @@ class RunContext:
             stage,
             epochs=int(self.cfg.trainer.epochs),
             lr=self.lr_for(node),
-            ckpt_dir=self.run_dir / "checkpoints",
+            ckpt_dir=None if self.dry else self.run_dir / "checkpoints",
             metrics=[self.metrics],
             resume=bool(self.cfg.trainer.resume),
             label=label,
@@ -214,7 +208,7 @@ class RunContext:
         """The teacher-output cache of ``role`` when ``node.cache`` is set (else None)."""
         from kdrun.engine.cache import TeacherCache, cache_dtype
 
-        if not node.get("cache"):
+        if not node.get("cache") or self.dry:
             return None
         dtype = cache_dtype(str(node.get("cache_dtype") or "auto"), self.amp_dtype)
         topk = node.get("cache_topk")
@@ -238,17 +232,18 @@ class RunContext:
         """
         from kdrun.schemes.stages import DistillStage, InitStage
 
-        ckpt_dir = self.run_dir / "checkpoints" if ckpt_dir is None else ckpt_dir
+        ckpt_dir = self.run_dir / "checkpoints" if ckpt_dir is None and not self.dry else ckpt_dir
         metrics = [self.metrics] if metrics is None else metrics
         resume = bool(self.cfg.trainer.resume) if resume is None else resume
+        resume = resume and ckpt_dir is not None
         epochs = int(self.cfg.trainer.epochs) if epochs is None else epochs
         knowledge = self.new_knowledge(student, teacher)
-        if not (resume and (ckpt_dir / "last.pt").is_file()):
+        if not (resume and (ckpt_dir / "last.pt").is_file()):  # a resumed main stage was initialised
             for term in knowledge.terms.values():
                 if term.init_epochs > 0:
                     log.info("init stage of %s: %d epochs", term.name, term.init_epochs)
                     self.trainer.fit(
-                        InitStage(student, teacher, term), epochs=int(term.init_epochs),
+                        InitStage(student, teacher, term, owner=name), epochs=int(term.init_epochs),
                         lr=float(term.init_lr) if term.init_lr is not None else self.lr_for(node),
                         ckpt_dir=None, metrics=metrics, label=f"{label or name}: init {term.name}",
                     )
@@ -305,6 +300,9 @@ class RunContext:
             self.keys[role] = file_digest(ckpt)
             return model
 
+        if self.dry:  # preflight: an untrained model stands in for the stored one
+            self.keys[role] = f"preflight-{role}"
+            return model
         recipe = self.recipe(node)
         if init_seed is not None:
             recipe["init_seed"] = seed
@@ -394,30 +392,68 @@ def _default_run_dir(cfg: DictConfig) -> Path:
 
 
 def _attach_log_file(run_dir: Path) -> logging.Handler:
+    """kdrun.log: everything the console shows (kdrun's lines, warnings of torch, timm and Hydra,
+    the final table or the error line) with times, for runs under SLURM or nohup."""
     handler = logging.FileHandler(run_dir / "kdrun.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
     logger = logging.getLogger("kdrun")
-    logger.addHandler(handler)
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
+    logging.captureWarnings(True)
     return handler
 
 
+def _detach_log_file(handler: logging.Handler) -> None:
+    logging.getLogger().removeHandler(handler)
+    logging.captureWarnings(False)
+    handler.close()
+
+
+def _log_outcome(handler: logging.FileHandler, summary: dict) -> None:
+    """The end of the console output, into kdrun.log only: the final table, or the error line."""
+    from kdrun.report.console import render_summary
+
+    if summary["status"] == "ok":
+        text = render_summary(summary)
+    else:
+        text = f"kdrun: error: {summary['error']} (status {summary['status']})"
+    try:
+        handler.acquire()
+        handler.stream.write(text.rstrip("\n") + "\n")
+        handler.flush()
+    except (OSError, ValueError):
+        pass
+    finally:
+        handler.release()
+
+
 # ---------------------------------------------------------------------------- run
-def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[str] | None = None) -> dict:
-    """Run one experiment; always writes ``summary.json`` (status ok, failed or diverged) in ``run_dir``."""
+def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[str] | None = None, *,
+        keep_rejected: bool = True) -> dict:
+    """Run one experiment; writes ``summary.json`` (status ok, failed, diverged or interrupted) in ``run_dir``.
+
+    Two cases leave the run dir as it was: ``trainer.resume=true`` with a config that differs from the
+    run dir's (:func:`check_resume`), and, with ``keep_rejected=False`` (the CLI's single runs), input
+    rejected before anything trained in a run dir this run created: it is removed again.
+    """
     world = dist.env_world()
     if not world.is_main:  # under torchrun only rank 0 writes; the others work in a scratch dir
         run_dir = Path(tempfile.mkdtemp(prefix=f"kdrun-rank{world.rank}-"))
         logging.getLogger("kdrun").setLevel(logging.WARNING)
     run_dir = Path(run_dir) if run_dir is not None else (_run_dir_from_hydra() or _default_run_dir(cfg))
+    fresh = not (run_dir / "config.yaml").exists()
+    if not fresh and cfg.trainer.get("resume") is True:
+        check_resume(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    clean_temp_files(run_dir)
     overrides = list(overrides) if overrides is not None else _overrides_from_hydra()
     t0 = time.perf_counter()
     summary = initial_summary(cfg, overrides)
     handler = _attach_log_file(run_dir)
+    started = rejected = False
     try:
-        validate(cfg)
+        validate_run_config(cfg)
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         if cfg.trainer.get("threads"):
             torch.set_num_threads(int(cfg.trainer.threads))
@@ -437,7 +473,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
         summary.update({"device": str(device), "amp": amp_name(amp_dtype)})
         knowledge = build_knowledge(cfg.loss if summary["scheme"] != "baseline" else {}, cfg.get("ce_weight", "auto"))
         scheme = instantiate(cfg.scheme)
-        scheme.validate(cfg)
         log.info("run dir: %s", run_dir)
         if knowledge.terms:
             summary["loss_formula"] = knowledge.formula()
@@ -447,6 +482,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
             device=device, seed=int(cfg.seed), channels_last=bool(cfg.trainer.channels_last),
         )
         log.info("data: %s | device %s, amp %s", data, device, amp_name(amp_dtype))
+        seconds = preflight(scheme, cfg, run_dir, data, device, amp_dtype, knowledge, world)
+        log.info("preflight: every model, term and adapter of the run built and stepped once (%.1f s)", seconds)
+        started = True
         ctx = RunContext(cfg, run_dir, data, device, amp_dtype, knowledge, world)
         summary.update(scheme.run(ctx))
         if cfg.get("compare_baseline"):
@@ -455,30 +493,116 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
             summary[f"{role}_source"] = src
         summary["status"] = "ok"
     except BaseException as exc:
-        summary["status"] = getattr(exc, "status", "failed")
-        if isinstance(exc, KeyboardInterrupt):
-            summary["error"] = "interrupted"
-        elif isinstance(exc, KdrunError):
-            summary["error"] = str(exc)
-        else:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            summary["error"] = f"{type(exc).__name__}: {first}"
-            log.debug("traceback", exc_info=True)
-            handler.handle(logging.makeLogRecord(
+        summary["status"] = getattr(exc, "status", "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        summary["error"] = error_text(exc)
+        if not isinstance(exc, (KdrunError, KeyboardInterrupt)):
+            handler.handle(logging.makeLogRecord(  # the traceback goes to kdrun.log only
                 {"name": "kdrun", "levelno": logging.ERROR, "levelname": "ERROR",
                  "msg": "run failed", "exc_info": (type(exc), exc, exc.__traceback__)}))
+        rejected = (not keep_rejected and fresh and not started and world.is_main
+                    and isinstance(exc, KdrunError) and exc.exit_code == 2)
         raise
     finally:
         summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
         summary["run_dir"] = str(run_dir)
         summary["host"] = platform.node()
-        write_json(run_dir / "summary.json", _finite(summary))
-        logging.getLogger("kdrun").removeHandler(handler)
-        handler.close()
-        if not world.is_main:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if not rejected:
+            try:
+                write_json(run_dir / "summary.json", _finite(summary))
+            except OSError as exc:  # a full disk: say so, keep the run's own error
+                log.error("could not write %s: %s", run_dir / "summary.json", exc.strerror or exc)
+            _log_outcome(handler, summary)
+        _detach_log_file(handler)
+        if rejected or not world.is_main:
+            remove_run_dir(run_dir)
         dist.shutdown(world)
     return summary
+
+
+def error_text(exc: BaseException) -> str:
+    """The one-line error of a run: a KdrunError's message, 'interrupted', or ``Type: first line``."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, KdrunError):
+        return str(exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def preflight(scheme, cfg, run_dir, data, device, amp_dtype, knowledge, world) -> float:
+    """Run the scheme once in dry mode (:class:`RunContext` ``dry=True``): every model is built (and
+    its checkpoint loaded), every knowledge set and adapter set up, and every stage takes one step
+    on two images, before anything trains, so a student-side mistake never waits for a teacher's
+    training. Nothing is written; the RNG state is restored; log lines below errors are dropped."""
+    t0 = time.perf_counter()
+    cpu_rng = torch.random.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    logger = logging.getLogger("kdrun")
+    quiet = _Quiet()
+    logger.addFilter(quiet)
+    try:
+        scheme.run(RunContext(cfg, run_dir, data, device, amp_dtype, knowledge, world, dry=True))
+    finally:
+        logger.removeFilter(quiet)
+        torch.random.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return time.perf_counter() - t0
+
+
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse ``trainer.resume=true`` when the config differs from the run dir's config.yaml in a key
+    that can change the result (one line naming the keys); nothing in the run dir is touched."""
+    try:
+        before = OmegaConf.load(run_dir / "config.yaml")
+        old = _flatten(OmegaConf.to_container(before, resolve=False))
+    except Exception as exc:  # noqa: BLE001 - a damaged config.yaml
+        raise ConfigError(f"trainer.resume=true: cannot read {run_dir / 'config.yaml'} ({exc}); "
+                          "start a new run without trainer.resume") from None
+    try:
+        new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as exc:  # noqa: BLE001 - validation names the bad key later
+        raise ConfigError(f"cannot resolve the config: {str(exc).splitlines()[0]}") from None
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k, _MISSING) != new.get(k, _MISSING) and not k.startswith(RESUME_FREE)]
+    if changed:
+        shown = ", ".join(f"{k} ({_show(old.get(k, _MISSING))} there, {_show(new.get(k, _MISSING))} now)"
+                          for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ConfigError(f"trainer.resume=true: the config differs from {run_dir / 'config.yaml'} in {shown}{more}; "
+                          "resume with the run's values, or start a new run without trainer.resume")
+
+
+#: keys that cannot change a run's result: they may differ when resuming
+RESUME_FREE = ("trainer.resume", "trainer.progress", "trainer.log_every", "trainer.threads", "paths.",
+               "sweep_name", "optimize_metric")
+_MISSING = object()
+
+
+def _show(value) -> str:
+    return "unset" if value is _MISSING else str(value)
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out: dict = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): node}
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Remove a run dir that holds only what this run and Hydra wrote, and its date dir if empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    with contextlib.suppress(OSError):
+        parent.rmdir()  # only when empty
 
 
 def _compare_baseline(ctx: RunContext, summary: dict) -> dict:

@@ -109,7 +109,7 @@ def test_teacher_checkpoint_is_used_as_given(compose_tiny, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("trainer.epochs=-1", "trainer.epochs=-1 must be >= 0"),
+        ("trainer.epochs=-1", "trainer.epochs=-1 must be an integer >= 0"),
         ("loss.kd.temperature=0", "loss.kd.temperature=0.0 must be > 0"),
         ("loss.kd.alpha=1.5", "loss.kd.alpha=1.5 is outside [0, 1]"),
     ],
@@ -154,7 +154,7 @@ def test_resume_continues_an_interrupted_run_exactly(compose_tiny, tmp_path, mon
     monkeypatch.setattr(trainer_mod.Trainer, "_save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, run_dir=tmp_path / "resumed", overrides=ov)
-    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["status"] == "interrupted"
     monkeypatch.setattr(trainer_mod.Trainer, "_save", original)
 
     cfg_r, ov_r = compose_tiny("trainer.epochs=2", "scheme=baseline", "trainer.resume=true")

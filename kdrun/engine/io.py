@@ -9,6 +9,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from kdrun.faults import fault_point
+
 
 @lru_cache(maxsize=1)
 def _umask() -> int:
@@ -32,6 +34,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"write {path.name}")
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -39,6 +42,19 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
         except FileNotFoundError:
             pass
         raise
+
+
+def clean_temp_files(root: str | Path) -> list[Path]:
+    """Remove the temp files :func:`atomic_write` leaves behind when a process is killed mid-write
+    (``.<name>.<random>.tmp``) under ``root``; call it only where no other process writes."""
+    removed = []
+    for tmp in Path(root).rglob(".*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -19,7 +19,7 @@ from typing import Callable
 
 from kdrun.config import recipe_hash
 from kdrun.engine import distributed as dist
-from kdrun.engine.io import write_json
+from kdrun.engine.io import clean_temp_files, write_json
 
 log = logging.getLogger("kdrun")
 
@@ -67,6 +67,7 @@ class ModelStore:
             if model_path.is_file():  # trained by the process we waited for
                 return model_path, False
             entry.mkdir(parents=True, exist_ok=True)
+            clean_temp_files(entry)  # of a training killed mid-write; we hold the lock
             write_json(entry / "recipe.json", recipe)
             train(entry)
             if not model_path.is_file():

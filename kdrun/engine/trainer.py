@@ -25,7 +25,8 @@ from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.progress import EpochProgress
 from kdrun.engine.schedule import LRSchedule, build_optimizer
-from kdrun.errors import DivergedError
+from kdrun.errors import CheckpointError, DivergedError
+from kdrun.faults import fault_point
 from kdrun.knowledge.base import Step
 
 log = logging.getLogger("kdrun")
@@ -74,16 +75,18 @@ class FitResult:
 
 class Trainer:
     def __init__(self, cfg, data, device: torch.device, amp_dtype: torch.dtype | None, progress: bool = False,
-                 world: dist.World = dist.SINGLE):
+                 world: dist.World = dist.SINGLE, dry: bool = False):
         """``cfg``: the full run config (reads trainer, optim, sched). ``data``: a DataModule.
-        ``world``: the data-parallel processes (each takes its share of every batch)."""
+        ``world``: the data-parallel processes (each takes its share of every batch). ``dry``: the
+        preflight: :meth:`fit` takes one step on two images, :meth:`evaluate` scores two images."""
         self.cfg = cfg
         self.tcfg = cfg.trainer
         self.data = data
         self.device = device
         self.amp_dtype = amp_dtype
         self.world = world
-        self.progress = progress and world.is_main
+        self.dry = dry
+        self.progress = progress and world.is_main and not dry
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -111,17 +114,19 @@ class Trainer:
         inference mode: no autograd graph is kept, so scoring 10,000 images costs one batch's memory."""
         was_training = model.training
         model.eval()
-        limit = self.tcfg.limit_eval_batches
+        limit = 1 if self.dry else self.tcfg.limit_eval_batches
         sums: dict = {}
         n = 0
         world = self.world
         n_batches = self.data.eval_steps if limit is None else min(int(limit), self.data.eval_steps)
-        shard = world.active and n_batches >= world.size  # each rank scores every size-th batch
+        shard = world.active and n_batches >= world.size and not self.dry  # each rank scores every size-th batch
         for i, (x, y) in enumerate(self.data.eval_batches()):
             if limit is not None and i >= int(limit):
                 break
             if shard and i % world.size != world.rank:
                 continue
+            if self.dry:
+                x, y = x[:2], y[:2]
             with self.autocast():
                 out = model(x)
             outputs = out if isinstance(out, dict) else {None: out}
@@ -159,6 +164,8 @@ class Trainer:
         label: str | None = None,
     ) -> FitResult:
         """Train ``stage`` for ``epochs`` epochs at base learning rate ``lr``."""
+        if self.dry:
+            return self._dry_step(stage, epochs, lr)
         label = label or stage.name
         steps = self.steps_per_epoch()
         world = self.world
@@ -171,9 +178,9 @@ class Trainer:
         last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
         if resume and last_path is not None and last_path.is_file():
             start = self._resume(stage, optimizer, last_path, result)
-            for m in metrics:
-                m.truncate(stage.name, start)
             log.info("%s: resuming after epoch %d from %s", label, start, last_path)
+        for m in metrics:  # rows of epochs after the checkpoint (a killed run) are trained again
+            m.truncate(stage.name, start)
         log_every = max(1, int(self.tcfg.log_every))
         first_loss = None
 
@@ -211,6 +218,7 @@ class Trainer:
                         loss.backward()
                         dist.average_gradients(params, world)
                         optimizer.step()
+                    fault_point("step")
                     b = y.shape[0]
                     seen += b
                     loss_sum += loss.detach().float() * b
@@ -269,6 +277,25 @@ class Trainer:
         if result.history:
             ips = [r["images_per_second"] for r in result.history]
             result.images_per_second = sum(ips) / len(ips)
+        return result
+
+    def _dry_step(self, stage: Stage, epochs: int, lr: float) -> FitResult:
+        """The preflight of a stage: its optimizer, and one forward and backward pass on two
+        training images (every tap, term and adapter runs once); no update, nothing written."""
+        params = stage.parameters_to_train()
+        build_optimizer(params, self.cfg.optim, lr)
+        LRSchedule(self.cfg.sched, lr, epochs, self.steps_per_epoch())
+        stage.train()
+        x, y, index = next(iter(self.data.train_batches(0, with_index=True)))
+        with self.autocast():
+            loss, _, _ = stage.training_step(x[:2], Step(targets=y[:2], index=index[:2], epoch=0.0, epochs=epochs))
+        loss.backward()
+        for p in params:
+            p.grad = None
+        result = FitResult(epochs=epochs)
+        scores = self._evaluate_outputs(stage.eval_model() if hasattr(stage, "eval_model") else stage.model)
+        rows = [{"epoch": 0, **score, **({} if name is None else {"model": name})} for name, score in scores.items()]
+        self._record(result, rows, getattr(stage, "primary", None))
         return result
 
     # ------------------------------------------------------------------ divergence
@@ -330,8 +357,11 @@ class Trainer:
             return
         meta = {"epoch": epoch, "top1": result.top1_last, "top1_best": result.top1_best,
                 "top5_best": result.top5_best, "best_epoch": result.best_epoch}
+        # last.pt first: it names the best epoch; a kill before best.pt is written is mended on
+        # resume from last.pt itself (then best epoch == last epoch), see _resume
         save_checkpoint(ckpt_dir / "last.pt", stage.model, optimizer=optimizer.state_dict(),
                         extra_state=stage.extra_state(), **meta)
+        fault_point("between last.pt and best.pt")
         if improved:
             save_checkpoint(ckpt_dir / "best.pt", stage.model, **meta)
 
@@ -345,4 +375,14 @@ class Trainer:
         result.top5_best = float(payload.get("top5_best", float("nan")))
         result.top1_last = float(payload.get("top1", float("nan")))
         result.best_epoch = int(payload.get("best_epoch", 0))
-        return int(payload["epoch"])
+        epoch = int(payload["epoch"])
+        best_path = path.parent / "best.pt"
+        best_epoch = read_checkpoint(best_path).get("epoch") if best_path.is_file() else None
+        if result.best_epoch and best_epoch != result.best_epoch:
+            if result.best_epoch != epoch:  # not a kill between the two writes: nothing to mend it from
+                raise CheckpointError(f"{best_path} holds epoch {best_epoch}, but {path} names epoch "
+                                      f"{result.best_epoch} as the best; remove the run dir and train again")
+            meta = {k: payload[k] for k in ("epoch", "top1", "top1_best", "top5_best", "best_epoch") if k in payload}
+            save_checkpoint(best_path, stage.model, **meta)  # killed after last.pt, before best.pt
+            log.info("%s: wrote the missing best.pt of epoch %d from %s", stage.name, epoch, path)
+        return epoch

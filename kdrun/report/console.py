@@ -69,3 +69,12 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     if summary.get("gain_top1") is not None:
         console.print(f"gain over the labels-only student: {summary['gain_top1']:+.2f} top-1 (best epoch)")
     console.print(f"run dir: {summary.get('run_dir')}  ({summary.get('wall_seconds')} s)")
+
+
+def render_summary(summary: dict, width: int = 120) -> str:
+    """The same table and lines :func:`print_summary` shows, as plain text (for kdrun.log)."""
+    import io
+
+    buffer = io.StringIO()
+    print_summary(summary, Console(file=buffer, width=width, no_color=True, color_system=None, highlight=False))
+    return buffer.getvalue()

@@ -119,8 +119,10 @@ class InitStage(SupervisedStage):
 
     eval_each_epoch = False
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, term: KnowledgeTerm) -> None:
-        super().__init__(student, f"init_{term.name}")
+    def __init__(self, student: nn.Module, teacher: nn.Module, term: KnowledgeTerm, owner: str = "student") -> None:
+        """``owner``: the stage it prepares; its rows in metrics.csv are ``init_<term>`` for the
+        student, ``<owner>_init_<term>`` for an assistant or a generation."""
+        super().__init__(student, f"init_{term.name}" if owner == "student" else f"{owner}_init_{term.name}")
         self.teacher = freeze(teacher)
         self.term = term
         self.s_taps = term.student_taps() | {"logits"}

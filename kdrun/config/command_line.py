@@ -1,0 +1,195 @@
+"""Checks of a `kdrun` command line before Hydra starts (so a rejected command creates no run dir).
+
+After the names (:func:`kdrun.config.check_overrides`): the syntax of every override, that every
+key exists (did-you-mean for near misses), every value of a run (:func:`kdrun.run.validate_run_config`),
+a resume against the run dir's config, and that the output location can be written. A sweep of up
+to :data:`MAX_CHECKED_JOBS` jobs has each job checked: when every job is rejected the sweep is;
+when only some are, those run and fail on their own (a failed row each in results.csv). Each
+failure is one ConfigError.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from pathlib import Path
+
+from kdrun.errors import ConfigError
+
+#: Hydra's flags that take the next word as their value
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+#: flags with which Hydra shows something and runs nothing
+SHOW_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion",
+              "-sc", "--resolve", "--package", "-p"}
+#: sweeps up to this many jobs have every job's config checked before the first job starts
+MAX_CHECKED_JOBS = 16
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides)."""
+    flags, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            takes = arg in VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(argv) and argv[i + 1] in INFO_VALUES)
+            if takes and i + 1 < len(argv) and "=" not in arg:
+                flags.append(argv[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
+def key_of(text: str) -> str:
+    return text.split("=", 1)[0].lstrip("+~")
+
+
+def is_hydra(text: str) -> bool:
+    key = key_of(text)
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def parse(overrides: list[str]) -> list:
+    """Hydra's parse of every override; a syntax error is one line naming the override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            parsed.append(parser.parse_override(text))
+        except Exception as exc:  # noqa: BLE001 - Hydra's parse errors span several lines
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"cannot read the override '{text}': {first}; write KEY=VALUE, quoting values "
+                              "with spaces or brackets, e.g. 'trainer.epochs=10' or 'ta=[resnet56,resnet32]'") from None
+    return parsed
+
+
+def jobs_of(overrides: list[str], parsed: list) -> list[list[str]] | None:
+    """The override lists of a sweep's jobs (Hydra's basic sweeper: the product of every comma list,
+    choice(), range() and, for groups, glob()); None when a value cannot be listed (e.g. interval())."""
+    from kdrun.config import group_options
+
+    axes = []
+    for text, ov in zip(overrides, parsed):
+        if not ov.is_sweep_override():
+            axes.append([text])
+            continue
+        key = text.split("=", 1)[0]
+        try:
+            if type(ov.value()).__name__ == "Glob":
+                values = ov.value().filter(group_options(ov.key_or_group))
+            else:
+                values = list(ov.sweep_string_iterator())
+        except Exception:  # noqa: BLE001 - sweeps only a sweeper plugin understands
+            return None
+        axes.append([f"{key}={v}" for v in values])
+    return [list(job) for job in itertools.product(*axes)]
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Everything about a command that can be known before Hydra starts (see the module docstring)."""
+    from kdrun.config import compose, config_groups
+
+    flags, overrides = split_argv(argv)
+    if any(f.split("=", 1)[0] in SHOW_FLAGS for f in flags):
+        return
+    multirun = "-m" in flags or "--multirun" in flags
+    mine = [o for o in overrides if not is_hydra(o)]
+    parsed = parse(mine)
+    groups = set(config_groups())
+    jobs = jobs_of(mine, parsed) if multirun else [mine]
+    if jobs is None:  # a sweeper's own syntax: check the keys of one job only
+        jobs, full = [[o for o, p in zip(mine, parsed) if not p.is_sweep_override()]], False
+    else:
+        full = len(jobs) <= MAX_CHECKED_JOBS
+    rejected = []
+    for k, job in enumerate(jobs if full else jobs[:1]):
+        try:
+            cfg = check_job(job, groups, full, compose)
+        except ConfigError as exc:
+            if not multirun:
+                raise
+            rejected.append(f"job {k} ({' '.join(job)}): {exc}")
+            continue
+        if cfg is not None and not multirun:
+            run_dir = _flag_value(overrides, "hydra.run.dir")
+            if run_dir and cfg.trainer.resume is True and (Path(run_dir) / "config.yaml").is_file():
+                from kdrun.run import check_resume
+
+                check_resume(cfg, Path(run_dir))
+            check_writable(Path(run_dir).parent if run_dir else Path(str(cfg.paths.output_root)))
+    if rejected and (len(rejected) == len(jobs) or not full):
+        # nothing of this sweep could run (where only some jobs are bad, those become failed rows)
+        raise ConfigError(f"every job of this sweep is rejected, e.g. {rejected[0]}")
+    if multirun:
+        sweep_dir = _flag_value(overrides, "hydra.sweep.dir")
+        if sweep_dir:
+            check_writable(Path(sweep_dir).parent)
+
+
+def check_job(job: list[str], groups: set[str], full: bool, compose):
+    """Keys of one run's overrides; with ``full`` every value too (returns the composed config)."""
+    from kdrun.config.checks import check_keys
+
+    choices = [o for o in job if key_of(o) in groups and "." not in key_of(o)]
+    keys = [o for o in job if o not in choices]
+    base = compose(choices)
+    plain = []
+    for text in keys:
+        key = key_of(text)
+        if text.startswith("~"):
+            plain.append(key)
+        elif text.startswith("+") and not text.startswith("++"):
+            if "." not in key:
+                continue  # a new root key (a tag for the sweep table): kdrun stores it, reads nothing from it
+            if _exists(base, key):
+                raise ConfigError(f"{text}: {key} exists already; set it without '+': {text.lstrip('+')}")
+            plain.append(key)
+        else:
+            plain.append(key)
+    check_keys(base, plain)
+    if not full:
+        return None
+    try:
+        cfg = compose(job)
+    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors span several lines
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot compose the config: {first}") from None
+    from kdrun.run import validate_run_config
+
+    validate_run_config(cfg)
+    return cfg
+
+
+def _exists(cfg, key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default="<missing>", throw_on_missing=False) != "<missing>"
+
+
+def _flag_value(overrides: list[str], key: str) -> str | None:
+    for text in overrides:
+        if key_of(text) == key and "=" in text:
+            return text.split("=", 1)[1]
+    return None
+
+
+def check_writable(root: Path) -> None:
+    """The output location must take a file: one line naming it and the fix, never a traceback."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".kdrun-write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot write to the output location {root} ({reason}); choose a writable place "
+                          "with paths.output_root=DIR") from None
+    if not os.access(root, os.W_OK):
+        raise ConfigError(f"cannot write to the output location {root}; choose one with paths.output_root=DIR")
