@@ -9,7 +9,6 @@ otherwise run in bf16/fp16); the teacher's features are detached.
 from __future__ import annotations
 
 import math
-import re
 from typing import Mapping
 
 import torch
@@ -17,12 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdrun.errors import ConfigError
+from kdrun.knowledge.adapters import full_precision
 from kdrun.knowledge.base import KnowledgeTerm, Step, Taps, require
-
-
-def full_precision(x: torch.Tensor):
-    """A context in which autocast is off on ``x``'s device."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
+from kdrun.knowledge.features.stages import stage_names
 
 
 def flat32(x: torch.Tensor) -> torch.Tensor:
@@ -32,10 +28,10 @@ def flat32(x: torch.Tensor) -> torch.Tensor:
 
 def last_stage(shapes: Mapping[str, tuple], side: str, term: str) -> str:
     """The deepest "stageK" tap among ``shapes`` (post-activation, before pooling)."""
-    numbers = [int(m.group(1)) for name in shapes if (m := re.fullmatch(r"stage(\d+)", name))]
-    if not numbers:
+    stages = stage_names(shapes)
+    if not stages:
         raise ConfigError(f"loss.{term}: the {side} has no stage taps; it has {', '.join(sorted(shapes))}")
-    return f"stage{max(numbers)}"
+    return stages[-1]
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
