@@ -168,6 +168,8 @@ def test_dry_run_commands(capsys, tmp_path):
     assert sum("loss=ab " in c and "loss.ab.init_epochs=3" in c for c in cmds) == 2  # 30 of 240 -> 3 of 24
     assert sum("loss=kd " in c and "loss.kd.alpha" not in c for c in cmds) == 2
     assert sum("loss=crd+kd " in c and "loss.kd.alpha=0.5" in c for c in cmds) == 2
+    # RepDistiller's CRD+KD recipe: CE 1 + KD 1 + CRD 0.8 (-r 1 -a 1 -b 0.8)
+    assert all("ce_weight=1 loss.kd.weight=1" in c for c in cmds if "loss=crd+kd " in c)
     vanilla = [c for c in cmds if "scheme=baseline" in c]  # both pairs' students are resnet20: one baseline
     assert len(vanilla) == 1 and "experiment=cifar100/r56_r20 " in vanilla[0] and "seed=0,1" in vanilla[0]
     assert not (tmp_path / "reproduction.md").exists()

@@ -234,7 +234,7 @@ def _vanilla_key(student: str, overrides: list[str] | frozenset[str]) -> tuple:
 
 def method_extras(method: str, info: PairInfo, recipe: Recipe, options: Options) -> list[str]:
     m = BY_NAME[method]
-    extras: list[str] = []
+    extras: list[str] = list(m.extras)
     if method == "dkd" and recipe.scaled:  # the pair's beta comes with the experiment (conf/recipe/dkd/)
         extras.append(f"loss.dkd.warmup={recipe.scale(recipe.dkd_warmup, 0)}")
     if m.init_term and recipe.scaled:
