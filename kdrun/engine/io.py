@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import filelock
 
 from kdrun.faults import fault_point
 
@@ -42,6 +46,26 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "w"
         except FileNotFoundError:
             pass
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (``filelock``; created if missing) for the ``with`` body;
+    ``waiting`` is logged when another process holds it. A killed holder releases it (the OS
+    drops its lock), so a lock is never left stale."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        if waiting:
+            logging.getLogger("kdrun").info(waiting)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def clean_temp_files(root: str | Path) -> list[Path]:

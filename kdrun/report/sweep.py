@@ -20,8 +20,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from kdrun.config import parse_overrides
-from kdrun.engine.io import write_text
+from kdrun.engine.io import file_lock, write_text
 from kdrun.errors import ConfigError
 
 RESULTS_FILE = "results.csv"
@@ -40,52 +38,6 @@ IDENTITY_KEYS = ("scheme", "teacher", "student", "loss", "dataset", "seed", "epo
 BOOKKEEPING_KEYS = ("error", "wall_seconds", "device", "amp", "git_sha", "host", "overrides", "run_dir")
 INCOMPLETE = "incomplete"
 _INCOMPLETE_ERROR = "no summary.json: still running, or stopped before it finished"
-
-
-# ---------------------------------------------------------------------------- lock
-@contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` body.
-
-    The lock is released when the body ends or the process dies, so a killed job never leaves
-    the table locked. The lock file itself is left in place (removing it would race).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        _lock(fd)
-        try:
-            yield
-        finally:
-            _unlock(fd)
-    finally:
-        os.close(fd)
-
-
-try:  # POSIX
-    import fcntl
-
-    def _lock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-
-    def _unlock(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-except ImportError:  # pragma: no cover - Windows
-    import msvcrt
-
-    def _lock(fd: int) -> None:
-        while True:
-            try:
-                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises
-                return
-            except OSError:
-                continue
-
-    def _unlock(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
 # ---------------------------------------------------------------------------- job dirs
