@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kdrun.config import CONF_DIR, check_overrides, normalize_argv, register_resolvers
-from kdrun.config.command_line import check_command_line
+from kdrun.config.command_line import check_command_line, split_argv
 from kdrun.errors import ConfigError, Interrupted, KdrunError
 
 # Jobs of parallel and cluster launchers run in other processes; whichever way they load the task
@@ -129,6 +129,8 @@ def _job(cfg: DictConfig, multirun: bool):
             # a failed job is a row in the sweep table; the sweep goes on. None, not NaN: the Optuna
             # sweeper records a None as a failed trial and goes on (a NaN makes Optuna 2.x raise)
             return None
+        if exc.exit_code == 2:  # rejected input: run() removed its run dir; the empty folders above go too
+            _remove_empty_run_dirs()
         sys.exit(exc.exit_code)
     except OSError as exc:  # the output location filled up or went away while running
         _error(_os_error_text(exc))
@@ -153,6 +155,17 @@ def _job(cfg: DictConfig, multirun: bool):
         _error(f"optimize_metric={metric} is not a summary.json key; valid: {', '.join(numeric)}")
         sys.exit(2)
     return summary[str(metric)]
+
+
+def _remove_empty_run_dirs() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from kdrun.config.command_line import remove_empty_dirs
+
+    try:
+        remove_empty_dirs(HydraConfig.get().runtime.output_dir)
+    except (ValueError, OSError):
+        pass
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -265,7 +278,8 @@ def _main(argv: list[str]) -> None:
         # torchrun: only rank 0 keeps a run dir; the other ranks' Hydra output goes to a scratch dir
         scratch = tempfile.mkdtemp(prefix=f"kdrun-rank{rank}-hydra-")
         argv = argv + [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
-    sys.argv = [sys.argv[0] if sys.argv else "kdrun"] + argv
+    flags, overrides = split_argv(argv)  # Hydra's parser takes its flags only before the overrides
+    sys.argv = [sys.argv[0] if sys.argv else "kdrun"] + flags + overrides
     try:
         _hydra_entry()
         sys.stdout.flush()

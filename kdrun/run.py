@@ -33,7 +33,7 @@ from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.progress import progress_enabled
 from kdrun.engine.store import MODEL_FILE, ModelStore
 from kdrun.engine.trainer import FitResult, Trainer
-from kdrun.errors import ConfigError, DivergedError, KdrunError
+from kdrun.errors import CheckpointError, ConfigError, DivergedError, KdrunError
 from kdrun.knowledge import KnowledgeSet, build_knowledge
 from kdrun.models import count_macs, count_params, create_model, tap_shapes
 
@@ -133,14 +133,17 @@ class RunContext:
         info = self.data.info
         torch.manual_seed(int(self.cfg.seed) if seed is None else int(seed))
         is_timm = node.get("source") == "timm"
-        model = create_model(
-            "timm" if is_timm else str(node.name),
-            num_classes=info.num_classes,
-            in_chans=info.in_chans,
-            image_size=info.image_size,
-            timm_name=str(node.name) if is_timm else None,
-            pretrained=node.get("pretrained"),
-        )
+        try:
+            model = create_model(
+                "timm" if is_timm else str(node.name),
+                num_classes=info.num_classes,
+                in_chans=info.in_chans,
+                image_size=info.image_size,
+                timm_name=str(node.name) if is_timm else None,
+                pretrained=node.get("pretrained"),
+            )
+        except CheckpointError as exc:  # a pretrained file that cannot be read or does not fit
+            raise CheckpointError(f"{node._key() or 'model'}.pretrained={node.get('pretrained')}: {exc}") from None
         if self.world.active and bool(self.cfg.trainer.get("sync_bn", False)):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = self.place(model)
@@ -293,8 +296,12 @@ class RunContext:
         model = self.build_model(node, seed)
         ckpt = node.get("checkpoint")
         if ckpt:
-            payload = read_checkpoint(ckpt)
-            load_into(model, payload, ckpt, role=role)
+            try:
+                payload = read_checkpoint(ckpt)
+                load_into(model, payload, ckpt, role=role)
+            except CheckpointError as exc:  # name the key the file came from
+                key = "teacher.checkpoint" if role.startswith("teacher") else f"{role}.checkpoint"
+                raise CheckpointError(f"{key}={ckpt}: {exc}") from None
             log.info("%s %s: loaded %s", role, node.name, ckpt)
             self.sources[role] = str(ckpt)
             self.keys[role] = file_digest(ckpt)
@@ -506,8 +513,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
         summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
         summary["run_dir"] = str(run_dir)
         summary["host"] = platform.node()
+        stop = None
         if not rejected:
             try:
+                write_json(run_dir / "summary.json", _finite(summary))
+            except KeyboardInterrupt as exc:  # SIGTERM/Ctrl-C while writing it: it says so, then we stop
+                stop = exc
+                summary.update(status="interrupted", error=error_text(exc))
                 write_json(run_dir / "summary.json", _finite(summary))
             except OSError as exc:  # a full disk: say so, keep the run's own error
                 log.error("could not write %s: %s", run_dir / "summary.json", exc.strerror or exc)
@@ -516,6 +528,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
         if rejected or not world.is_main:
             remove_run_dir(run_dir)
         dist.shutdown(world)
+        if stop is not None:
+            raise stop
     return summary
 
 
@@ -562,7 +576,8 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
         before = OmegaConf.load(run_dir / "config.yaml")
         old = _flatten(OmegaConf.to_container(before, resolve=False))
     except Exception as exc:  # noqa: BLE001 - a damaged config.yaml
-        raise ConfigError(f"trainer.resume=true: cannot read {run_dir / 'config.yaml'} ({exc}); "
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__  # YAML errors span lines
+        raise ConfigError(f"trainer.resume=true: cannot read {run_dir / 'config.yaml'} ({reason}); "
                           "start a new run without trainer.resume") from None
     try:
         new = _flatten(OmegaConf.to_container(cfg, resolve=True))

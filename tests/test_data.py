@@ -289,7 +289,7 @@ def test_train_and_test_subset_counts():
 # ----------------------------------------------------------------------------- npz
 def test_npz_loads_color_and_grayscale(tmp_path):
     path = write_npz(
-        tmp_path / "c.npz", shape=(10, 12, 3), class_names=np.array(["a", "b", "c", "d", "e"])
+        tmp_path / "c.npz", shape=(10, 12, 3), classes=5, class_names=np.array(["a", "b", "c", "d", "e"])
     )
     data = build_data({"name": "npz", "path": str(path)}, batch_size=8)
     info = data.info
@@ -437,7 +437,7 @@ def test_cifar10_reads_torchvision_files(tmp_path, monkeypatch):
     for i, file in enumerate(names):
         batch = {
             "data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-            "labels": [i % 10, 1, 2, 3],
+            "labels": [(4 * i + j) % 10 for j in range(4)],  # every class in the training batches
         }
         (folder / file).write_bytes(pickle.dumps(batch))
     meta = {"label_names": [f"c{k}" for k in range(10)]}
@@ -509,7 +509,7 @@ def test_imagefolder_tiny_tree(tmp_path):
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataError, match=r"dataset\.root="):
         build_data({"name": "imagefolder"}, batch_size=4)
-    with pytest.raises(DataError, match=r"train does not exist"):
+    with pytest.raises(DataError, match=r"has no train/ folder"):
         build_data({"name": "imagefolder", "root": str(tmp_path)}, batch_size=4)
 
 

@@ -197,9 +197,10 @@ def test_init_and_schedule_lengths_scale_with_the_epochs():
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """kd and dkd on r56_r20 (models swapped for resnet8), and an AT job that fails while running
-    (its teacher checkpoint does not exist: the preflight stops that job; the others go on)."""
+    (its teacher checkpoint is not a checkpoint: the preflight stops that job; the others go on)."""
     root = tmp_path_factory.mktemp("repro")
-    args = ["--pairs", "r56_r20", "--methods", "kd,dkd,at", *TINY, "--override", "at:teacher.checkpoint=/nonexistent/t.pt",
+    (root / "t.pt").write_bytes(b"not a checkpoint")  # a missing file would stop the sweep before it starts
+    args = ["--pairs", "r56_r20", "--methods", "kd,dkd,at", *TINY, "--override", f"at:teacher.checkpoint={root / 't.pt'}",
             "--store", str(root / "store"), "--out", str(root / "out")]
     rc = main(args)
     return root, args, rc
@@ -222,7 +223,7 @@ def test_runner_writes_both_tables_with_ours_and_published(e2e):
         assert teacher[0] != GAP and vanilla[0] != GAP
     assert md_row(md, "Last-epoch top-1 (%)", "DKD")[0][1] == "71.97†"  # best-epoch number, last table
     assert md_row(md, "Best-epoch top-1 (%)", "DKD")[0][1] == "71.97"
-    assert "r56_r20 at seed 0: failed: checkpoint not found: /nonexistent/t.pt" in md
+    assert "r56_r20 at seed 0: failed: teacher.checkpoint=" in md and "t.pt: cannot read checkpoint" in md
     assert "this run used resnet8 -> resnet8" in md
 
     wide = read_csv(out / "reproduction.csv")
@@ -248,7 +249,7 @@ def test_dkd_jobs_get_the_pairs_beta_and_init_lengths_scale(e2e):
     assert set(overrides) == {"kd", "dkd", "at"}
     assert "loss.dkd.warmup=0" in overrides["dkd"]
     assert configs["dkd"].loss.dkd.beta == 2.0  # r56_r20's DKD beta, from conf/recipe/dkd/cifar100/
-    assert "loss.dkd" not in overrides["kd"] and "teacher.checkpoint=/nonexistent/t.pt" in overrides["at"]
+    assert "loss.dkd" not in overrides["kd"] and "teacher.checkpoint=" in overrides["at"]
 
 
 def test_a_second_run_reuses_what_is_done(e2e, capsys):

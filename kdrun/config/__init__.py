@@ -98,6 +98,8 @@ def check_overrides(overrides: Iterable[str]) -> None:
 
     Raises ConfigError with one line naming the bad value and the valid choices.
     """
+    from kdrun.config.checks import did_you_mean
+
     groups = set(config_groups())
     for ov in overrides:
         if "=" not in ov or ov.startswith("hydra"):
@@ -108,7 +110,8 @@ def check_overrides(overrides: Iterable[str]) -> None:
             valid = [o for o in group_options("teacher") if o != "timm" and "+" not in o]
             for part in _split_sweep(value.replace("+", ",")):
                 if part not in valid:
-                    raise ConfigError(f"unknown model '{part}' in {key}={value}; valid: {choices_text(valid)}")
+                    raise ConfigError(f"unknown model '{part}' in {key}={value}{did_you_mean(part, valid)}; "
+                                      f"valid: {choices_text(valid)}")
             continue
         if key not in groups or "${" in value:
             continue
@@ -126,10 +129,13 @@ def check_overrides(overrides: Iterable[str]) -> None:
                 if part not in valid:
                     what = "loss term" if key == "loss" and len(parts) > 1 else key
                     where = f" in '{v}'" if len(parts) > 1 else ""
-                    raise ConfigError(f"unknown {what} '{part}'{where}; valid: {choices_text(valid)}")
+                    raise ConfigError(f"unknown {what} '{part}'{where}{did_you_mean(part, valid)}; "
+                                      f"valid: {choices_text(valid)}")
             if len(parts) > 1:
                 if len(set(parts)) != len(parts):
-                    raise ConfigError(f"{key}={v} names a term twice")
+                    twice = next(part for part in parts if parts.count(part) > 1)
+                    what = "term" if key == "loss" else "teacher"
+                    raise ConfigError(f"{key}={v} names the {what} {twice} twice; name each {what} once")
                 if "none" in parts:
                     raise ConfigError(f"{key}={v}: 'none' cannot be combined with other terms")
                 register_combo(key, v)
@@ -195,7 +201,8 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
                 raise cause from None
             cause = cause.__cause__ or cause.__context__
         target = node.get("_target_", "?") if hasattr(node, "get") else "?"
-        raise ConfigError(f"cannot build {target}: {exc}".splitlines()[0]) from exc
+        reason = " ".join(str(exc).split())[:300]  # Hydra's first line only names the target
+        raise ConfigError(f"cannot build {target}: {reason}") from exc
 
 
 def to_plain(node: Any) -> Any:

@@ -78,13 +78,29 @@ def choice(cfg: DictConfig, key: str, choices: Iterable[str]) -> str:
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    """`` (did you mean x?)`` for the closest option (difflib's candidates, the fewest edits first)."""
+    close = difflib.get_close_matches(word, list(options), n=4, cutoff=0.6)
+    if not close:
+        return ""
+    best = min(close, key=lambda option: (_edits(word.lower(), option.lower()), close.index(option)))
+    return f" (did you mean {best}?)"
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions that turn ``a`` into ``b``."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
 
 
 # ---------------------------------------------------------------------------- the run config
 def validate(cfg: DictConfig) -> None:
-    """Check every value kdrun reads from the root, trainer, optim, sched and model sections."""
+    """Check every value kdrun reads from the root, trainer, optim, sched, model, loss and dataset
+    sections, and that every file the run reads (checkpoints, pretrained weights) is there."""
+    _validate_missing(cfg)
     integer(cfg, "seed", 0)
     boolean(cfg, "compare_baseline")
     ce = _get(cfg, "ce_weight")
@@ -102,11 +118,49 @@ def validate(cfg: DictConfig) -> None:
     device = _get(cfg, "trainer.device")
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or _is_cuda_index(device)):
         raise ConfigError(f"trainer.device={device} is not one of auto, cpu, cuda, cuda:N")
+    _validate_cuda(device)
     _validate_optim(cfg)
     _validate_sched(cfg)
     for role in ("teacher", "student"):
         if cfg.get(role) is not None:
             _validate_model(cfg, role)
+    _validate_loss(cfg)
+    _validate_finite(cfg, "scheme")
+    if cfg.get("dataset") is not None:
+        from kdrun.data import check_dataset_config
+
+        check_dataset_config(cfg.dataset)
+
+
+def _validate_missing(cfg: DictConfig) -> None:
+    """A mandatory value left at ``???`` (student=timm without student.name): one line naming it."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if not missing:
+        return
+    key = missing[0]
+    role = key.split(".")[0]
+    if key.endswith(".name") and cfg.get(role) is not None and _source(cfg, role) == "timm":
+        raise ConfigError(f"{role}=timm needs a model name: set {role}.name=<a timm model>, e.g. {role}.name=resnet18")
+    raise ConfigError(f"{key} has no value (???); set it with {key}=VALUE")
+
+
+def _source(cfg: DictConfig, role: str) -> str:
+    node = cfg[role]
+    return str(node.get("source", "zoo")) if isinstance(node, DictConfig) else "zoo"
+
+
+def _validate_cuda(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"trainer.device={device} but no CUDA device is available; use trainer.device=cpu or auto")
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise ConfigError(f"trainer.device={device} but only {count} CUDA device(s) are visible; "
+                          f"use cuda:0..cuda:{count - 1} or auto")
 
 
 def _is_cuda_index(device: str) -> bool:
@@ -153,6 +207,150 @@ def _validate_model(cfg: DictConfig, role: str) -> None:
         integer(cfg, f"{role}.cache_topk", 1, optional=True)
     if "cache_dtype" in node:
         choice(cfg, f"{role}.cache_dtype", ("auto", "float32", "float16", "bfloat16"))
+    if _source(cfg, role) == "timm":
+        name = _get(cfg, f"{role}.name")
+        from kdrun.models.factory import check_timm_name
+
+        try:
+            check_timm_name(str(name))
+        except ConfigError as exc:
+            raise ConfigError(f"{role}.name={name}: {exc}") from None
+    if node.get("pretrained") is not None:
+        _existing_file(cfg, f"{role}.pretrained", _get(cfg, f"{role}.pretrained"),
+                       "give a local weights file (safetensors or a state dict) or null")
+    if "checkpoint" in node and node.get("checkpoint") is not None:
+        ckpt = _get(cfg, f"{role}.checkpoint")
+        for path in (ckpt if isinstance(ckpt, (list, ListConfig)) else [ckpt]):
+            _existing_file(cfg, f"{role}.checkpoint", path,
+                           f"give a kdrun checkpoint (a run's checkpoints/best.pt) or null to train the {role}")
+
+
+def _existing_file(cfg: DictConfig, key: str, value: Any, fix: str) -> None:
+    """``value`` names a readable, non-empty file; else one line naming the key and the fix."""
+    import os
+
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}={value} must be a file path; {fix}")
+    path = os.path.expanduser(value)
+    if not os.path.exists(path):
+        problem = "no such file"
+    elif os.path.isdir(path):
+        problem = "is a directory, not a file"
+    elif not os.access(path, os.R_OK):
+        problem = "cannot be read (permission denied)"
+    elif os.path.getsize(path) == 0:
+        problem = "is empty (0 bytes)"
+    else:
+        return
+    raise ConfigError(f"{key}={value}: {problem}; {fix}")
+
+
+# ---------------------------------------------------------------------------- loss terms
+def _validate_loss(cfg: DictConfig) -> None:
+    """Each value of a selected knowledge term has its default's type (a number where the default
+    is a number, true/false where it is a boolean, a name where it is a name, a list where it is a
+    list), and no number is nan or inf. The terms check their ranges when they are built."""
+    loss = cfg.get("loss")
+    if not isinstance(loss, DictConfig):
+        return
+    from kdrun.config import CONF_DIR
+
+    for term in loss.keys():
+        node = loss[term]
+        path = CONF_DIR / "loss" / f"{term}.yaml"
+        defaults = OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
+        if not isinstance(node, DictConfig):
+            continue
+        annotations = _annotations(node.get("_target_"))
+        for key in node.keys():
+            if str(key).startswith("_"):
+                continue
+            full = f"loss.{term}.{key}"
+            value = _get(cfg, full)
+            default = defaults.get(key) if isinstance(defaults, DictConfig) else None
+            _check_like(full, value, default, annotations.get(str(key), ""))
+    _validate_finite(cfg, "loss")
+
+
+def _annotations(target: Any) -> dict[str, str]:
+    """The type annotations (as text) of a term's constructor arguments; {} when unknown."""
+    import inspect
+
+    try:
+        from hydra.utils import get_class
+
+        params = inspect.signature(get_class(str(target)).__init__).parameters
+    except Exception:  # noqa: BLE001 - building the term reports a bad _target_
+        return {}
+    return {name: str(p.annotation) for name, p in params.items() if p.annotation is not inspect.Parameter.empty}
+
+
+def _kind(default: Any, annotation: str) -> str | None:
+    """What a term value must be: its default's type, else (a null default) its annotation's."""
+    if isinstance(default, bool):
+        return "bool"
+    if is_number(default):
+        return "number"
+    if isinstance(default, str):
+        return "name"
+    if isinstance(default, ListConfig):
+        return "list"
+    words = set(annotation.replace("|", " ").replace("Optional[", " ").replace("]", " ").split()) - {"None"}
+    if words and words <= {"float", "int"}:
+        return "number"
+    if words == {"bool"}:
+        return "bool"
+    if words == {"str"}:
+        return "name"
+    return None
+
+
+def _check_like(key: str, value: Any, default: Any, annotation: str = "") -> None:
+    kind = _kind(default, annotation)
+    if value is None or kind is None:
+        return
+    example = f" (default {_show(default)})" if default is not None else ""
+    if kind == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{key}={_show(value)} must be true or false")
+    if kind == "number" and not (is_number(value) and math.isfinite(value)):
+        raise ConfigError(f"{key}={_show(value)} must be a finite number{example}")
+    if kind == "name" and not isinstance(value, str):
+        raise ConfigError(f"{key}={_show(value)} must be a name{example}")
+    if kind == "list" and not isinstance(value, (list, ListConfig)):
+        raise ConfigError(f"{key}={_show(value)} must be a list{example}")
+
+
+def _validate_finite(cfg: DictConfig, section: str) -> None:
+    """No nan or inf anywhere under ``section`` (a nan temperature trains to a nan loss)."""
+    node = cfg.get(section)
+    if not isinstance(node, (DictConfig, ListConfig)):
+        return
+    try:
+        plain = OmegaConf.to_container(node, resolve=True)
+    except Exception:  # noqa: BLE001 - the typed checks name an unresolvable key
+        return
+    for key, value in _leaves(plain, section):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+
+
+def _leaves(node: Any, prefix: str):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{prefix}.{i}")
+    else:
+        yield prefix, node
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, list):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
 
 
 # ---------------------------------------------------------------------------- keys
@@ -162,17 +360,23 @@ def check_keys(cfg: DictConfig, keys: Iterable[str]) -> None:
     A key of an unselected knowledge term names the selection to make; a near miss gets a
     did-you-mean. Keys under ``hydra`` are Hydra's to check.
     """
-    from kdrun.config import group_options
+    from kdrun.config import config_groups, group_options
 
     for key in keys:
         parts = key.split(".")
-        if parts[0] == "hydra" or len(parts) < 2:
+        if parts[0] == "hydra":
+            continue
+        if len(parts) == 1:
+            if key not in cfg.keys():
+                roots = sorted({str(k) for k in cfg.keys()} | set(config_groups()))
+                raise ConfigError(f"unknown key {key}{did_you_mean(key, roots)}; valid: {choices_text(roots)}; "
+                                  f"a new key of your own (a tag for the sweep table) needs a '+': +{key}=VALUE")
             continue
         node: Any = cfg
         for depth, part in enumerate(parts):
             parent = ".".join(parts[:depth])
-            if isinstance(node, DictConfig) and part in node:
-                node = node[part]
+            if isinstance(node, DictConfig) and part in node.keys():  # keys(): `???` values count
+                node = node._get_node(part)
                 continue
             if isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]

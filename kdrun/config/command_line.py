@@ -24,6 +24,10 @@ INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchp
 #: flags with which Hydra shows something and runs nothing
 SHOW_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion",
               "-sc", "--resolve", "--package", "-p"}
+#: Hydra's flags of which one command may give only one (flag -> its long name)
+MODE_FLAGS = {"--run": "--run", "-r": "--run", "--multirun": "--multirun", "-m": "--multirun", "--cfg": "--cfg",
+              "-c": "--cfg", "--info": "--info", "-i": "--info", "--shell-completion": "--shell-completion",
+              "-sc": "--shell-completion"}
 #: sweeps up to this many jobs have every job's config checked before the first job starts
 MAX_CHECKED_JOBS = 16
 
@@ -97,12 +101,24 @@ def check_command_line(argv: list[str]) -> None:
     """Everything about a command that can be known before Hydra starts (see the module docstring)."""
     from kdrun.config import compose, config_groups
 
+    global OUTPUT_BASE
+    OUTPUT_BASE = None
     flags, overrides = split_argv(argv)
+    modes = sorted({MODE_FLAGS[f.split("=", 1)[0]] for f in flags if f.split("=", 1)[0] in MODE_FLAGS})
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} cannot be combined (Hydra runs one of --run, --multirun, --cfg, "
+                          "--info, --shell-completion); drop all but one")
     if any(f.split("=", 1)[0] in SHOW_FLAGS for f in flags):
         return
     multirun = "-m" in flags or "--multirun" in flags
     mine = [o for o in overrides if not is_hydra(o)]
     parsed = parse(mine)
+    if not multirun:
+        for text, ov in zip(mine, parsed):
+            if ov.is_sweep_override():
+                key = text.split("=", 1)[0]
+                raise ConfigError(f"{text} gives several values, which is a sweep: run each with kdrun -m {text}; "
+                                  f"for one list value write {key}='[{text.split('=', 1)[1]}]'")
     groups = set(config_groups())
     jobs = jobs_of(mine, parsed) if multirun else [mine]
     if jobs is None:  # a sweeper's own syntax: check the keys of one job only
@@ -120,18 +136,90 @@ def check_command_line(argv: list[str]) -> None:
             continue
         if cfg is not None and not multirun:
             run_dir = _flag_value(overrides, "hydra.run.dir")
+            if run_dir:
+                _not_a_file("hydra.run.dir", run_dir)
+            if cfg.trainer.resume is True:
+                _check_resume_dir(run_dir)
             if run_dir and cfg.trainer.resume is True and (Path(run_dir) / "config.yaml").is_file():
                 from kdrun.run import check_resume
 
                 check_resume(cfg, Path(run_dir))
-            check_writable(Path(run_dir).parent if run_dir else Path(str(cfg.paths.output_root)))
+            root = Path(run_dir).parent if run_dir else Path(str(cfg.paths.output_root))
+            _folder_possible("hydra.run.dir" if run_dir else "paths.output_root", str(run_dir or root))
+            for key in ("paths.store", "paths.cache"):
+                _folder_possible(key, str(_resolved(cfg, key)))
+            OUTPUT_BASE = _deepest_existing(root)
+            check_writable(root)
     if rejected and (len(rejected) == len(jobs) or not full):
         # nothing of this sweep could run (where only some jobs are bad, those become failed rows)
         raise ConfigError(f"every job of this sweep is rejected, e.g. {rejected[0]}")
     if multirun:
         sweep_dir = _flag_value(overrides, "hydra.sweep.dir")
         if sweep_dir:
+            _not_a_file("hydra.sweep.dir", sweep_dir)
             check_writable(Path(sweep_dir).parent)
+
+
+#: the deepest folder above a single run's output location that existed before this command: a run
+#: rejected after Hydra made its run dir removes the empty folders below it (:func:`remove_empty_dirs`)
+OUTPUT_BASE: Path | None = None
+
+
+def _deepest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def remove_empty_dirs(run_dir: str | Path, base: Path | None = None) -> None:
+    """Remove ``run_dir`` and the folders above it when empty, up to (not including) ``base``, by
+    default the folder that existed before this command (:data:`OUTPUT_BASE`): a rejected run
+    leaves nothing behind."""
+    base = OUTPUT_BASE if base is None else base
+    path = Path(run_dir).absolute()
+    if base is None or base not in path.parents:
+        return
+    while path != base:
+        if path.exists():
+            try:
+                path.rmdir()  # only when empty
+            except OSError:
+                return
+        path = path.parent
+
+
+def _check_resume_dir(run_dir: str | None) -> None:
+    """trainer.resume=true continues a run in its own run dir: it must be named and exist."""
+    if not run_dir:
+        raise ConfigError("trainer.resume=true needs the run dir of the interrupted run: add hydra.run.dir=DIR "
+                          "(kdrun printed the whole resume command when the run stopped)")
+    if not Path(run_dir).exists():
+        raise ConfigError(f"trainer.resume=true: hydra.run.dir={run_dir} does not exist; give the run dir of the "
+                          "interrupted run, or drop trainer.resume to start a new run")
+
+
+def _resolved(cfg, key: str):
+    from kdrun.config.checks import _get
+
+    return _get(cfg, key)
+
+
+def _folder_possible(key: str, value: str) -> None:
+    """``value`` is a folder or can become one: no file on its way, and the deepest existing
+    folder above it writable. Nothing is created (the store and the cache are made when used)."""
+    path = Path(value).absolute()
+    base = _deepest_existing(path)
+    if not base.is_dir():
+        where = "is a file" if base == path else f"lies under {base}, a file"
+        raise ConfigError(f"{key}={value} {where}, not a folder; give a folder with {key}=DIR")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value}: cannot write to {base}; give a writable folder with {key}=DIR")
+
+
+def _not_a_file(key: str, value: str) -> None:
+    if Path(value).exists() and not Path(value).is_dir():
+        raise ConfigError(f"{key}={value} is a file, not a folder; give a folder for the run's outputs")
 
 
 def check_job(job: list[str], groups: set[str], full: bool, compose):
@@ -183,11 +271,13 @@ def _flag_value(overrides: list[str], key: str) -> str | None:
 
 def check_writable(root: Path) -> None:
     """The output location must take a file: one line naming it and the fix, never a traceback."""
+    created = _deepest_existing(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, prefix=".kdrun-write-check-"):
             pass
     except OSError as exc:
+        remove_empty_dirs(root, created)
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"cannot write to the output location {root} ({reason}); choose a writable place "
                           "with paths.output_root=DIR") from None

@@ -28,6 +28,7 @@ from kdrun.data._config import DatasetConfig, to_plain_dict
 from kdrun.data.arrays import (
     Splits,
     channel_stats,
+    find_fashion_mnist_files,
     load_cifar,
     load_fashion_mnist,
     load_fashion_mnist_mini,
@@ -36,7 +37,7 @@ from kdrun.data.arrays import (
 )
 from kdrun.data.module import DataInfo, DataModule, InMemoryDataModule
 from kdrun.data.synthetic import make_synthetic
-from kdrun.errors import ConfigError, choices_text
+from kdrun.errors import ConfigError, DataError, choices_text
 
 DATASETS: list[str] = [
     "cifar10",
@@ -48,7 +49,60 @@ DATASETS: list[str] = [
     "synthetic",
 ]
 
-__all__ = ["DATASETS", "DataInfo", "DataModule", "build_data"]
+__all__ = ["DATASETS", "DataInfo", "DataModule", "build_data", "check_dataset_config"]
+
+
+#: image size and channels of the datasets whose files fix them
+FIXED_SHAPES = {"cifar10": (32, 3), "cifar100": (32, 3), "fashion_mnist": (28, 1), "fashion_mnist_mini": (28, 1)}
+
+
+def check_dataset_config(cfg: Any) -> None:
+    """Every check of the ``dataset`` section that reads no images: the name, unknown keys, each
+    value's type and range, and that a required file or folder is there. The CLI calls it before
+    Hydra makes a run dir, so these mistakes are one line in well under a second; what only the
+    data can tell (labels, shapes) is checked when it is loaded.
+    """
+    raw = to_plain_dict(cfg)
+    name = raw.get("name")
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; valid choices: {choices_text(DATASETS)}")
+    spec = DatasetConfig(name, raw)
+    pad = spec.int("augment.crop_padding", minimum=0)
+    spec.bool("augment.hflip")
+    for key in ("train_subset", "test_subset"):
+        spec.optional_count(key)
+    size, channels = FIXED_SHAPES.get(name, (None, None))
+    if name == "synthetic":
+        classes, n_train = spec.int("num_classes", minimum=2), spec.int("n_train", minimum=2)
+        if n_train < classes:
+            raise ConfigError(f"dataset.n_train={n_train} must be >= dataset.num_classes={classes}: every class "
+                              "needs training images")
+        spec.int("n_test", minimum=1)
+        size, channels = spec.int("image_size", minimum=4), spec.int("channels", minimum=1)
+        spec.int("seed", minimum=0)
+    elif name == "imagefolder":
+        size, channels = spec.int("image_size", minimum=1), 3
+        spec.int("num_workers", minimum=0)
+        root = spec.path("root", example="/path/to/folder (with train/ and val/ inside)")
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise DataError(f"dataset.root={root} has no {split}/ folder; dataset.root must hold train/ and "
+                                "val/, each with one subdirectory of images per class")
+    elif name == "npz":
+        path = spec.path("path", example="/path/to/file.npz")
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "no such file"
+            raise DataError(f"dataset.path={path}: {what} (expected a .npz with x_train, y_train, x_test, y_test)")
+    elif name in ("cifar10", "cifar100"):
+        spec.path("root", example="/path/to/data")
+        spec.bool("download")
+    elif name == "fashion_mnist":
+        find_fashion_mnist_files(spec.path("root", example="/usr/share/datasets/fashion-mnist"))
+    if size is not None and pad >= size:
+        raise ConfigError(f"dataset.augment.crop_padding={pad} must be smaller than the {size}x{size} images")
+    for key in ("mean", "std"):
+        if channels is not None:
+            spec.channel_floats(key, channels)
 
 
 def build_data(

@@ -106,8 +106,32 @@ def make_splits(arrays: dict[str, np.ndarray], source: str, class_names=None) ->
             )
     else:
         num_classes = top + 1
+    _check_classes(y_train, y_test, num_classes, source)
+    if class_names is None:
         class_names = tuple(str(i) for i in range(num_classes))
     return Splits(x_train, y_train, x_test, y_test, num_classes, class_names)
+
+
+def _check_classes(y_train: np.ndarray, y_test: np.ndarray, num_classes: int, source: str) -> None:
+    """The labels are the classes 0..K-1, each with training images, and every test label occurs in
+    y_train: a model has one output per class, so a gap (or a stray label of 10**6) would add
+    classes nothing teaches, and a test-only label would be a class no model could learn."""
+    remap = "remap both splits with np.unique(np.concatenate([y_train, y_test]), return_inverse=True)"
+    seen = np.unique(y_train)
+    unseen = np.setdiff1d(np.unique(y_test), seen)
+    if len(unseen):
+        raise DataError(
+            f"{source}: label {int(unseen[0])} occurs in y_test but not in y_train "
+            f"({len(unseen)} such label(s)); every test label needs training images: "
+            f"drop those test samples, or give them training images"
+        )
+    if len(seen) < num_classes:
+        gap = int(np.setdiff1d(np.arange(len(seen) + 1), seen)[0])
+        raise DataError(
+            f"{source}: labels must be the classes 0..K-1, each in y_train, but y_train holds "
+            f"{len(seen)} distinct labels for {num_classes} classes (0..{num_classes - 1}; class {gap} "
+            f"has no training image); {remap}"
+        )
 
 
 # --------------------------------------------------------------------------- npz
@@ -228,6 +252,30 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(previous)
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None when ``path`` exists)."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _undo_download(root: Path, created: Path | None, before: set) -> None:
+    """A failed download leaves nothing behind: the folders it created, or the files it added."""
+    import shutil
+
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for entry in set(root.iterdir()) - before if root.is_dir() else ():
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def load_cifar(name: str, root: Path, download: bool) -> Splits:
     """CIFAR-10/100 in torchvision's on-disk format under ``root``."""
     import torchvision
@@ -244,11 +292,14 @@ def load_cifar(name: str, root: Path, download: bool) -> Splits:
                 f"{name} not found at {where}; set dataset.download=true to fetch it, "
                 f"or use {OFFLINE_ALTERNATIVES}"
             ) from None
+        created = _first_missing(root)
+        before = set(root.iterdir()) if created is None and root.is_dir() else set()
         try:
             with _socket_timeout(30):
                 train = cls(str(root), train=True, download=True)
             test = cls(str(root), train=False, download=False)
         except Exception as exc:  # noqa: BLE001 - any failure means: not available offline
+            _undo_download(root, created, before)
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
             raise DataError(
                 f"{name} not found at {where} and the download failed ({reason}); "

@@ -30,7 +30,7 @@ def _folder(root: Path, split: str, image_size: int):
     path = root / split
     if not path.is_dir():
         raise DataError(
-            f"image folder {path} does not exist; dataset.root must hold train/ and val/, "
+            f"dataset.root={root} has no {split}/ folder; dataset.root must hold train/ and val/, "
             f"each with one subdirectory of images per class"
         )
     transform = transforms.Compose(

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -61,6 +61,16 @@ class FitResult:
     images_per_second: float = float("nan")
     history: list[dict] = field(default_factory=list)
     models: dict[str, "FitResult"] = field(default_factory=dict)  # per model/exit when several are scored
+
+    def state(self) -> dict:
+        """Everything recorded so far (saved in last.pt): a resumed fit then reports best/last
+        accuracies, best epochs, per-model results, seconds and images/s as if it never stopped."""
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> FitResult:
+        models = {name: cls.from_state(sub) for name, sub in state.get("models", {}).items()}
+        return cls(**{**state, "models": models})
 
     def as_summary(self, prefix: str) -> dict:
         return {
@@ -360,7 +370,7 @@ class Trainer:
         # last.pt first: it names the best epoch; a kill before best.pt is written is mended on
         # resume from last.pt itself (then best epoch == last epoch), see _resume
         save_checkpoint(ckpt_dir / "last.pt", stage.model, optimizer=optimizer.state_dict(),
-                        extra_state=stage.extra_state(), **meta)
+                        extra_state=stage.extra_state(), fit=result.state(), **meta)
         fault_point("between last.pt and best.pt")
         if improved:
             save_checkpoint(ckpt_dir / "best.pt", stage.model, **meta)
@@ -371,10 +381,13 @@ class Trainer:
         if "optimizer" in payload:
             optimizer.load_state_dict(payload["optimizer"])
         stage.load_extra_state(payload.get("extra_state", {}))
-        result.top1_best = float(payload.get("top1_best", float("nan")))
-        result.top5_best = float(payload.get("top5_best", float("nan")))
-        result.top1_last = float(payload.get("top1", float("nan")))
-        result.best_epoch = int(payload.get("best_epoch", 0))
+        if "fit" in payload:  # the whole record: per-model results, history, seconds
+            vars(result).update(vars(FitResult.from_state({**payload["fit"], "epochs": result.epochs})))
+        else:  # a last.pt of an older kdrun
+            result.top1_best = float(payload.get("top1_best", float("nan")))
+            result.top5_best = float(payload.get("top5_best", float("nan")))
+            result.top1_last = float(payload.get("top1", float("nan")))
+            result.best_epoch = int(payload.get("best_epoch", 0))
         epoch = int(payload["epoch"])
         best_path = path.parent / "best.pt"
         best_epoch = read_checkpoint(best_path).get("epoch") if best_path.is_file() else None

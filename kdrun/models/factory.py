@@ -60,6 +60,11 @@ def create_model(
     elif name in BUILDERS:
         if timm_name is not None:
             raise ConfigError(f"timm_name '{timm_name}' is only used with model 'timm', not with zoo model '{name}'")
+        if isinstance(image_size, int) and not isinstance(image_size, bool) and 0 < image_size < MIN_IMAGE_SIZE:
+            raise ConfigError(
+                f"zoo model '{name}' needs images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels (image_size >= "
+                f"{MIN_IMAGE_SIZE}), got {image_size}x{image_size}; use larger images or a timm model (student=timm student.name=...)"
+            )
         _check_int("image_size", image_size, MIN_IMAGE_SIZE, f" for zoo model '{name}'")
         model = BUILDERS[name](num_classes, in_chans)
     else:
@@ -69,12 +74,12 @@ def create_model(
     return model
 
 
-def _create_timm(timm_name: str | None, num_classes: int, in_chans: int, image_size: int) -> TapModel:
+def check_timm_name(timm_name: str | None) -> None:
+    """A name :func:`create_model` can build with timm, else the ConfigError naming close names."""
     if not timm_name:
         raise ConfigError("model 'timm' needs timm_name (e.g. mobilenetv3_small_050); list them with timm.list_models()")
     if timm_name.startswith(TIMM_PREFIX) and timm_name[len(TIMM_PREFIX):] in BUILDERS:
-        # our own registration: return the zoo model itself (it supports preact taps)
-        return create_model(timm_name[len(TIMM_PREFIX):], num_classes, in_chans, image_size)
+        return
     if ":" in timm_name or not timm.is_model(timm_name):
         pattern = timm_name.split(":")[-1].split(".")[0].split("_")[0] or timm_name
         close = difflib.get_close_matches(timm_name, timm.list_models(), n=3)
@@ -82,6 +87,13 @@ def _create_timm(timm_name: str | None, num_classes: int, in_chans: int, image_s
         raise ConfigError(
             f"unknown timm model {timm_name!r}{hint}; find names with timm.list_models('*{pattern}*')"
         )
+
+
+def _create_timm(timm_name: str | None, num_classes: int, in_chans: int, image_size: int) -> TapModel:
+    check_timm_name(timm_name)
+    if timm_name.startswith(TIMM_PREFIX) and timm_name[len(TIMM_PREFIX):] in BUILDERS:
+        # our own registration: return the zoo model itself (it supports preact taps)
+        return create_model(timm_name[len(TIMM_PREFIX):], num_classes, in_chans, image_size)
     kwargs = {"num_classes": num_classes, "in_chans": in_chans}
     cfg = timm.get_pretrained_cfg(timm_name)
     if cfg is not None and getattr(cfg, "fixed_input_size", False):
