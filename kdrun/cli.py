@@ -23,7 +23,7 @@ import tempfile
 import hydra
 from omegaconf import DictConfig
 
-from kdrun.config import CONF_DIR, check_overrides, normalize_argv, register_resolvers
+from kdrun.config import CONF_DIR, check_overrides, normalize_argv, register_resolvers, set_search_path
 from kdrun.config.command_line import check_command_line, split_argv
 from kdrun.errors import ConfigError, Interrupted, KdrunError
 
@@ -266,6 +266,7 @@ def _main(argv: list[str]) -> None:
         os.environ.setdefault("COLUMNS", "160")  # rich wraps at 80 columns in logs and pipes otherwise
     register_resolvers()
     argv = normalize_argv(argv)
+    set_search_path(argv)
     try:
         check_overrides(argv)
         check_plugins(argv)

@@ -24,11 +24,42 @@ COMBO_GROUPS = ("loss", "teacher")
 MODEL_LIST_KEYS = ("ta", "peers")
 
 
+#: config dirs added with Hydra's ``hydra.searchpath=[file://DIR,...]`` (your own schemes, datasets,
+#: models, optimizers... beside kdrun's conf/): their options count in every name check
+_SEARCH_DIRS: list[Path] = []
+
+
+def set_search_path(argv: Iterable[str]) -> list[Path]:
+    """Take the ``hydra.searchpath`` of a command line (``file://`` entries and plain paths)."""
+    dirs: list[Path] = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "hydra.searchpath":
+            for entry in _split_sweep(value):
+                if entry.startswith("file://") or "://" not in entry:
+                    dirs.append(Path(entry.removeprefix("file://")).expanduser())
+    _SEARCH_DIRS[:] = dirs
+    return dirs
+
+
+def config_dirs() -> list[Path]:
+    """kdrun's conf/ and the dirs of ``hydra.searchpath``."""
+    return [CONF_DIR, *_SEARCH_DIRS]
+
+
+def search_path_overrides() -> list[str]:
+    """The ``hydra.searchpath`` override that recreates :func:`set_search_path`'s dirs ([] when none)."""
+    return [f"hydra.searchpath=[{','.join('file://' + str(d) for d in _SEARCH_DIRS)}]"] if _SEARCH_DIRS else []
+
+
 def group_options(group: str) -> list[str]:
-    """Every option of a config group: the YAML files of conf/<group>/ (those in subfolders as
-    `sub/name`, e.g. experiment=cifar100/r56_r20) and registered combos."""
-    root = CONF_DIR / group
-    opts = {p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")}
+    """Every option of a config group: the YAML files of conf/<group>/ and of the search path's
+    dirs (those in subfolders as `sub/name`, e.g. experiment=cifar100/r56_r20) and registered configs."""
+    opts: set[str] = set()
+    for base in config_dirs():
+        root = base / group
+        if root.is_dir():
+            opts.update(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
     repo = ConfigStore.instance().repo
     node = repo.get(group) if isinstance(repo, dict) else None
     if isinstance(node, dict):
@@ -37,7 +68,8 @@ def group_options(group: str) -> list[str]:
 
 
 def config_groups() -> list[str]:
-    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    return sorted({p.name for base in config_dirs() if base.is_dir()
+                   for p in base.iterdir() if p.is_dir() and p.name != "hydra"})
 
 
 def _split_sweep(value: str) -> list[str]:
@@ -179,6 +211,10 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train") -> DictCo
 
     overrides = normalize_argv(overrides)
     register_resolvers()
+    if any(o.split("=", 1)[0].lstrip("+") == "hydra.searchpath" for o in overrides):
+        set_search_path(overrides)
+    elif _SEARCH_DIRS:
+        overrides = [*overrides, *search_path_overrides()]
     check_overrides(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

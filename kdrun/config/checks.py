@@ -253,12 +253,12 @@ def _validate_loss(cfg: DictConfig) -> None:
     loss = cfg.get("loss")
     if not isinstance(loss, DictConfig):
         return
-    from kdrun.config import CONF_DIR
+    from kdrun.config import config_dirs
 
     for term in loss.keys():
         node = loss[term]
-        path = CONF_DIR / "loss" / f"{term}.yaml"
-        defaults = OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
+        path = next((d / "loss" / f"{term}.yaml" for d in config_dirs() if (d / "loss" / f"{term}.yaml").is_file()), None)
+        defaults = OmegaConf.load(path) if path is not None else OmegaConf.create({})
         if not isinstance(node, DictConfig):
             continue
         annotations = _annotations(node.get("_target_"))
