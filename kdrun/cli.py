@@ -23,7 +23,7 @@ import tempfile
 import hydra
 from omegaconf import DictConfig
 
-from kdrun.config import CONF_DIR, check_overrides, normalize_argv, register_resolvers, set_search_path
+from kdrun.config import CONF_DIR, check_overrides, component_class, normalize_argv, register_resolvers, set_search_path
 from kdrun.config.command_line import check_command_line, split_argv
 from kdrun.errors import ConfigError, Interrupted, KdrunError
 
@@ -146,7 +146,7 @@ def _job(cfg: DictConfig, multirun: bool):
     from kdrun.report.console import print_summary
 
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
-        print_summary(summary)
+        print_summary(summary, component_class(cfg.scheme).report_rows)
     metric = cfg.get("optimize_metric")
     if not metric:
         return None

@@ -22,7 +22,15 @@ from typing import Any, Iterable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.config import instantiate, loss_name, parse_overrides, to_plain
+from kdrun.config import (
+    build_knowledge,
+    component_class,
+    instantiate,
+    instantiate_model,
+    loss_name,
+    parse_overrides,
+    to_plain,
+)
 from kdrun.config.checks import validate
 from kdrun.data import build_data
 from kdrun.engine import distributed as dist
@@ -34,13 +42,11 @@ from kdrun.engine.progress import progress_enabled
 from kdrun.engine.store import MODEL_FILE, ModelStore
 from kdrun.engine.trainer import FitResult, Trainer
 from kdrun.errors import CheckpointError, ConfigError, DivergedError, KdrunError
-from kdrun.knowledge import KnowledgeSet, build_knowledge
-from kdrun.models import count_macs, count_params, create_model, tap_shapes
+from kdrun.knowledge import KnowledgeSet
+from kdrun.models import count_macs, count_params, tap_shapes
 
 log = logging.getLogger("kdrun")
 
-# schemes without a separate teacher model
-SELF_TAUGHT = ("baseline", "mutual", "born_again", "byot")
 # every scheme reports these, so a sweep table has the same columns whatever ran
 RESULT_KEYS = (
     "student_top1_best", "student_top1_last", "student_top5_best", "teacher_top1",
@@ -55,8 +61,14 @@ def validate_run_config(cfg: DictConfig) -> None:
     The CLI calls it before Hydra creates the run dir; :func:`run` calls it again first thing.
     """
     validate(cfg)
-    build_knowledge(cfg.loss if str(cfg.scheme.name) != "baseline" else {}, cfg.get("ce_weight", "auto"))
+    run_knowledge(cfg)
     instantiate(cfg.scheme).validate(cfg)
+
+
+def run_knowledge(cfg: DictConfig) -> KnowledgeSet:
+    """The run's knowledge set: the selected terms, or none where the scheme trains from labels."""
+    uses = component_class(cfg.scheme).uses_knowledge
+    return build_knowledge(cfg.loss if uses else {}, cfg.get("ce_weight", "auto"))
 
 
 # ---------------------------------------------------------------------------- summary
@@ -72,14 +84,14 @@ def _git_sha() -> str | None:
 
 
 def initial_summary(cfg: DictConfig, overrides: Iterable[str]) -> dict:
-    scheme = str(cfg.scheme.name)
+    scheme = component_class(cfg.scheme)
     summary: dict[str, Any] = {
         "status": "running",
         "error": None,
-        "scheme": scheme,
-        "teacher": None if scheme in SELF_TAUGHT else _model_label(cfg.get("teacher")),
+        "scheme": str(cfg.scheme.name),
+        "teacher": _model_label(cfg.get("teacher")) if scheme.has_teacher else None,
         "student": _model_label(cfg.get("student")),
-        "loss": "none" if scheme == "baseline" else loss_name(cfg.loss),
+        "loss": loss_name(cfg.loss) if scheme.uses_knowledge else "none",
         "dataset": str(cfg.dataset.name),
         "seed": cfg.get("seed"),
         "epochs": cfg.trainer.get("epochs"),
@@ -132,16 +144,9 @@ class RunContext:
         """A freshly initialised model (seeded with ``seed``, default cfg.seed) on the run's device."""
         info = self.data.info
         torch.manual_seed(int(self.cfg.seed) if seed is None else int(seed))
-        is_timm = node.get("source") == "timm"
         try:
-            model = create_model(
-                "timm" if is_timm else str(node.name),
-                num_classes=info.num_classes,
-                in_chans=info.in_chans,
-                image_size=info.image_size,
-                timm_name=str(node.name) if is_timm else None,
-                pretrained=node.get("pretrained"),
-            )
+            model = instantiate_model(node, num_classes=info.num_classes, in_chans=info.in_chans,
+                                      image_size=info.image_size)
         except CheckpointError as exc:  # a pretrained file that cannot be read or does not fit
             raise CheckpointError(f"{node._key() or 'model'}.pretrained={node.get('pretrained')}: {exc}") from None
         if self.world.active and bool(self.cfg.trainer.get("sync_bn", False)):
@@ -270,7 +275,7 @@ class RunContext:
         return {
             "kind": "baseline",
             "model": str(node.name),
-            "source": str(node.get("source", "zoo")),
+            "source": str(node.get("_target_")),
             "pretrained": node.get("pretrained"),
             "dataset": dataset,
             "seed": int(cfg.seed),
@@ -417,12 +422,12 @@ def _detach_log_file(handler: logging.Handler) -> None:
     handler.close()
 
 
-def _log_outcome(handler: logging.FileHandler, summary: dict) -> None:
+def _log_outcome(handler: logging.FileHandler, summary: dict, cfg: DictConfig) -> None:
     """The end of the console output, into kdrun.log only: the final table, or the error line."""
     from kdrun.report.console import render_summary
 
     if summary["status"] == "ok":
-        text = render_summary(summary)
+        text = render_summary(summary, component_class(cfg.scheme).report_rows)
     else:
         text = f"kdrun: error: {summary['error']} (status {summary['status']})"
     try:
@@ -478,7 +483,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
             summary["world_size"] = world.size
         amp_dtype = resolve_amp(cfg.trainer.amp, device)
         summary.update({"device": str(device), "amp": amp_name(amp_dtype)})
-        knowledge = build_knowledge(cfg.loss if summary["scheme"] != "baseline" else {}, cfg.get("ce_weight", "auto"))
+        knowledge = run_knowledge(cfg)
         scheme = instantiate(cfg.scheme)
         log.info("run dir: %s", run_dir)
         if knowledge.terms:
@@ -523,7 +528,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
                 write_json(run_dir / "summary.json", _finite(summary))
             except OSError as exc:  # a full disk: say so, keep the run's own error
                 log.error("could not write %s: %s", run_dir / "summary.json", exc.strerror or exc)
-            _log_outcome(handler, summary)
+            _log_outcome(handler, summary, cfg)
         _detach_log_file(handler)
         if rejected or not world.is_main:
             remove_run_dir(run_dir)

@@ -119,7 +119,9 @@ CASES = [
      ["cifar100 not found", "dataset.download=true"]),
     ("cifar100_offline_download", ("dataset=cifar100", "dataset.download=true", *MODELS),
      ["cifar100 not found", "download failed", "dataset=synthetic"]),
-    ("download_text", ("dataset=cifar10", "dataset.download=yes", *MODELS), ["dataset.download='yes'"]),
+    # Hydra types dataset.download as a bool, which reads yes/no/on/off as true/false
+    ("download_text", ("dataset=cifar10", "dataset.download=maybe", *MODELS),
+     ["dataset.download='maybe'", "true or false"]),
     ("synthetic_one_class", (*BASE, "dataset.num_classes=1"), ["dataset.num_classes=1"]),
     ("crop_padding_too_big", (*BASE, "dataset.augment.crop_padding=16"), ["dataset.augment.crop_padding=16"]),
     ("std_zero", (*BASE, "dataset.std=[0,0,0]"), ["dataset.std=[0, 0, 0]", "> 0"]),

@@ -1,8 +1,9 @@
 """The real configs compose as the CLI composes them; bad names are one clear line."""
 
 import pytest
+from omegaconf import OmegaConf
 
-from kdrun.config import check_overrides, compose, group_options, loss_name, _split_sweep
+from kdrun.config import CONF_DIR, _split_sweep, check_overrides, compose, group_options, loss_name, model_node
 from kdrun.errors import ConfigError
 
 
@@ -29,10 +30,18 @@ def test_loss_none_is_empty_and_list_form_works():
     assert list(compose(["loss=[kd,fitnet]"]).loss) == ["kd", "fitnet"]
 
 
-def test_mobilenet_and_shufflenet_students_use_lr_001():
-    assert compose(["student=mobilenetv2"]).student.lr == 0.01
-    assert compose(["student=shufflenetv2"]).student.lr == 0.01
-    assert compose(["student=resnet20"]).student.lr is None
+def test_role_keys_live_in_the_root_config():
+    # a model config holds the model's own keys; checkpoint, epochs, lr, cache... are the root's
+    role_keys = {"checkpoint", "epochs", "lr", "cache", "cache_topk", "cache_dtype"}
+    for path in (CONF_DIR / "model").glob("*.yaml"):
+        assert not role_keys & set(OmegaConf.load(path)), path.name
+    cfg = compose(["teacher=wrn_40_2", "student=mobilenetv2", "teacher.epochs=7"])
+    assert role_keys <= set(cfg.teacher) and set(cfg.student) == {"_target_", "name", "lr"}
+    assert (cfg.teacher.name, cfg.teacher.epochs, cfg.teacher.checkpoint, cfg.student.lr) == ("wrn_40_2", 7, None, None)
+    # the CRD recipe's lr 0.01 of MobileNetV2/ShuffleNet students comes from the experiment file
+    assert compose(["experiment=cifar100/vgg13_mv2"]).student.lr == 0.01
+    assert compose(["experiment=cifar100/vgg13_mv2", "student.lr=0.02"]).student.lr == 0.02
+    assert compose(["student=timm", "student.name=resnet18"]).student.pretrained is None
 
 
 def test_unknown_names_are_one_line_with_the_choices():
@@ -62,11 +71,30 @@ def test_quickstart_experiment_sets_compare_baseline():
     assert cfg.teacher.epochs > cfg.trainer.epochs
 
 
-def test_every_zoo_model_has_teacher_and_student_configs():
+def test_every_model_config_is_a_teacher_and_student_option():
     from kdrun.models import ZOO
 
+    assert set(ZOO) | {"timm"} == set(group_options("model"))
     for group in ("teacher", "student"):
-        assert set(ZOO) | {"timm"} == set(group_options(group))
+        assert {o for o in group_options(group) if "+" not in o} == set(group_options("model"))
+        assert not list((CONF_DIR / group).glob("**/*.yaml"))  # derived from conf/model: no YAML of their own
+    teacher = compose(["teacher=resnet32"]).teacher
+    assert model_node("resnet32") == {k: teacher[k] for k in ("_target_", "name")}
+    with pytest.raises(ConfigError, match="unknown model 'resnet99'; valid: .*resnet32"):
+        model_node("resnet99")
+    with pytest.raises(ConfigError, match=r"model 'timm' leaves name unset"):
+        model_node("timm")
+
+
+def test_instantiate_model_passes_what_the_target_takes():
+    from kdrun.config import instantiate_model
+
+    node = compose(["teacher=resnet8", "teacher.epochs=3"]).teacher  # role keys beside the model's own
+    model = instantiate_model(node, num_classes=7, in_chans=1, image_size=16, unused_by_the_zoo=1)
+    assert (model.arch, model.num_classes, model.in_chans) == ("resnet8", 7, 1)
+    bad = OmegaConf.create({"_target_": "kdrun.models.no_such_builder", "name": "x"})
+    with pytest.raises(ConfigError, match="no_such_builder"):
+        instantiate_model(bad, num_classes=7)
 
 
 def test_run_name_resolver():

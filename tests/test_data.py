@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import pickle
 import time
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from kdrun.data import DATASETS, build_data
-from kdrun.data._config import dataset_defaults
+from kdrun.config import compose
+from kdrun.data import (
+    DataSource,
+    Npz,
+    Synthetic,
+    build_data,
+    check_dataset_config,
+    dataset_source,
+)
 from kdrun.data.arrays import channel_stats, stratified_subset
 from kdrun.data.augment import batch_bounds, make_epoch_plan
-from kdrun.data.synthetic import make_synthetic
 from kdrun.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,10 +45,27 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def small_synthetic(**overrides):
-    cfg = {"name": "synthetic", "n_train": 200, "n_test": 50, "image_size": 16}
-    cfg.update(overrides)
+@functools.cache
+def _composed(name: str) -> dict:
+    return OmegaConf.to_container(compose([f"dataset={name}"]).dataset, resolve=True)
+
+
+def dataset(name: str, **overrides) -> dict:
+    """conf/dataset/<name>.yaml as composed (every default), with ``overrides`` (a dict value
+    updates a mapping key, as ``dataset.augment.hflip=false`` does) as a plain dict."""
+    cfg = copy.deepcopy(_composed(name))
+    for key, value in overrides.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     return cfg
+
+
+def small_synthetic(**overrides):
+    return dataset("synthetic", **{"n_train": 200, "n_test": 50, "image_size": 16, **overrides})
+
+
+def synthetic_splits(**overrides):
+    """The generated arrays of dataset=synthetic (with ``overrides``), not on a device."""
+    return dataset_source(dataset("synthetic", **overrides)).load()
 
 
 def write_npz(path: Path, *, n_train=40, n_test=12, shape=(10, 12, 3), classes=4, seed=0, **extra):
@@ -61,12 +88,41 @@ def all_batches(batches):
 
 
 # ----------------------------------------------------------------------------- config
-def test_unknown_dataset_lists_choices():
-    with pytest.raises(ConfigError) as err:
+def test_a_config_that_names_no_dataset_class_is_one_line():
+    with pytest.raises(ConfigError, match=r"no _target_"):
         build_data({"name": "mnist"}, batch_size=8)
+    with pytest.raises(ConfigError, match=r"dataset\._target_=kdrun\.data\.Mnist cannot be imported"):
+        build_data({"_target_": "kdrun.data.Mnist", "name": "mnist"}, batch_size=8)
+    with pytest.raises(ConfigError, match=r"gave a dict, not a kdrun\.data\.DataSource") as err:
+        build_data({"_target_": "builtins.dict", "name": "mnist"}, batch_size=8)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_dataset_name_lists_the_yaml_files():
+    with pytest.raises(ConfigError) as err:
+        compose(["dataset=mnist"])
     message = str(err.value)
-    assert "'mnist'" in message and all(name in message for name in DATASETS)
-    assert "\n" not in message
+    assert "'mnist'" in message and all(f.stem in message for f in CONF.glob("*.yaml"))
+
+
+def test_values_are_typed_by_the_dataset_class():
+    with pytest.raises(ConfigError, match=r"^dataset\.n_train='abc' is invalid: expected an integer$"):
+        build_data(small_synthetic(n_train="abc"), batch_size=8)
+    with pytest.raises(ConfigError, match=r"^dataset\.image_size=1\.5 is invalid: expected an integer$"):
+        build_data(small_synthetic(image_size=1.5), batch_size=8)
+    with pytest.raises(ConfigError, match=r"^dataset\.test_subset='x' is invalid: expected null or an integer$"):
+        build_data(small_synthetic(test_subset="x"), batch_size=8)
+    with pytest.raises(ConfigError, match=r"^dataset\.augment\.hflip='maybe' is invalid: expected true or false$"):
+        build_data(small_synthetic(augment={"hflip": "maybe"}), batch_size=8)
+    with pytest.raises(ConfigError, match=r"^dataset\.download='maybe' is invalid: expected true or false$"):
+        dataset_source(dataset("cifar10", download="maybe"))
+    with pytest.raises(ConfigError, match=r"^dataset\.augment=3 is invalid: expected a mapping"):
+        build_data(small_synthetic(augment=3), batch_size=8)
+    with pytest.raises(ConfigError, match=r"dataset\.seed has no value"):
+        build_data({k: v for k, v in small_synthetic().items() if k != "seed"}, batch_size=8)
+    # Hydra's conversions: "16" is the integer 16, "off" is false
+    source = dataset_source(small_synthetic(image_size="16", augment={"hflip": "off"}))
+    assert source.image_size == 16 and source.augment.hflip is False
 
 
 def test_unknown_key_and_bad_values_are_config_errors():
@@ -88,17 +144,42 @@ def test_unknown_key_and_bad_values_are_config_errors():
         build_data(small_synthetic(), batch_size=300, drop_last=True)
 
 
-def test_yaml_files_match_code_defaults(monkeypatch):
+def test_every_dataset_yaml_names_its_class_and_holds_every_default(monkeypatch):
     monkeypatch.delenv("KDRUN_DATA", raising=False)
     files = sorted(CONF.glob("*.yaml"))
-    assert sorted(f.stem for f in files) == sorted(DATASETS)
+    assert len(files) >= 7
     for file in files:
-        text = file.read_text()
-        first_key = next(line for line in text.splitlines() if line and not line.startswith("#"))
-        assert first_key == f"name: {file.stem}", file
-        values = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
-        assert values.pop("name") == file.stem
-        assert values == dataset_defaults(file.stem), file
+        lines = [line for line in file.read_text().splitlines() if line and not line.startswith("#")]
+        assert lines[0].startswith("_target_: kdrun.data.") and lines[1] == f"name: {file.stem}", file
+        values = dataset(file.stem)
+        cls = hydra.utils.get_class(values.pop("_target_"))
+        assert issubclass(cls, DataSource) and dataclasses.is_dataclass(cls), file
+        fields = dataclasses.fields(cls)
+        # the YAML gives every field of the class a value; the class gives none (defaults live once)
+        assert sorted(values) == sorted(f.name for f in fields), file
+        assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields)
+        if values.get("path", "") is None or values.get("root", "") is None:  # npz, imagefolder: a path to give
+            with pytest.raises(DataError, match=r"needs a path: set dataset\.(path|root)="):
+                dataset_source(dataset(file.stem))
+        else:
+            assert type(dataset_source(dataset(file.stem))) is cls, file
+
+
+def test_the_dataset_check_reads_no_images(tmp_path, monkeypatch):
+    # the pre-Hydra check builds the source and looks for files; loading is build_data's
+    def no_loading(self):
+        raise AssertionError("check_dataset_config loaded the data")
+
+    for cls in (Npz, Synthetic):
+        monkeypatch.setattr(cls, "load", no_loading)
+    with pytest.raises(AssertionError, match="loaded"):  # the patch holds
+        build_data(small_synthetic(), batch_size=8)
+    check_dataset_config(small_synthetic())
+    check_dataset_config(dataset("npz", path=str(write_npz(tmp_path / "d.npz"))))
+    with pytest.raises(DataError, match=r"nope\.npz: no such file"):
+        check_dataset_config(dataset("npz", path=str(tmp_path / "nope.npz")))
+    with pytest.raises(ConfigError, match=r"dataset\.n_train=5 must be >= dataset\.num_classes=10"):
+        check_dataset_config(small_synthetic(n_train=5))
 
 
 def test_builds_from_yaml_dictconfig():
@@ -126,7 +207,7 @@ def test_same_epoch_is_bit_identical_and_epochs_differ():
 def test_epoch_is_a_permutation_of_the_training_set():
     data = build_data(small_synthetic(), batch_size=32)
     _, labels = all_batches(data.train_batches(0))
-    expected = make_synthetic(n_train=200, n_test=50, image_size=16).y_train
+    expected = synthetic_splits(n_train=200, n_test=50, image_size=16).y_train
     assert len(labels) == 200
     assert torch.equal(
         torch.bincount(labels, minlength=10),
@@ -189,13 +270,7 @@ def test_crop_and_flip_match_slow_reference(tmp_path, shape, pad, hflip):
     path = write_npz(tmp_path / "d.npz", n_train=37, shape=shape)
     channels = shape[2]
     mean, std = [0.3, 0.5, 0.6][:channels], [0.2, 0.25, 0.3][:channels]
-    cfg = {
-        "name": "npz",
-        "path": str(path),
-        "augment": {"crop_padding": pad, "hflip": hflip},
-        "mean": mean,
-        "std": std,
-    }
+    cfg = dataset("npz", path=str(path), augment={"crop_padding": pad, "hflip": hflip}, mean=mean, std=std)
     data = build_data(cfg, batch_size=16, seed=7)
     images = np.load(path)["x_train"]
     for epoch in (0, 5):
@@ -223,7 +298,7 @@ def test_eval_batches_are_unaugmented_and_normalised(tmp_path):
     path = write_npz(tmp_path / "d.npz", n_test=30)
     mean, std = [0.1, 0.2, 0.3], [0.5, 0.4, 0.3]
     data = build_data(
-        {"name": "npz", "path": str(path), "mean": mean, "std": std},
+        dataset("npz", path=str(path), mean=mean, std=std),
         batch_size=8,
         eval_batch_size=7,
     )
@@ -238,7 +313,7 @@ def test_eval_batches_are_unaugmented_and_normalised(tmp_path):
 
 def test_computed_mean_std_normalise_the_training_set():
     data = build_data(small_synthetic(augment={"crop_padding": 0, "hflip": False}), batch_size=50)
-    pixels = make_synthetic(n_train=200, n_test=50, image_size=16).x_train
+    pixels = synthetic_splits(n_train=200, n_test=50, image_size=16).x_train
     expected_mean = pixels.reshape(-1, 3).mean(0) / 255
     expected_std = pixels.reshape(-1, 3).std(0) / 255
     np.testing.assert_allclose(data.info.mean, expected_mean, rtol=1e-9)
@@ -291,13 +366,13 @@ def test_npz_loads_color_and_grayscale(tmp_path):
     path = write_npz(
         tmp_path / "c.npz", shape=(10, 12, 3), classes=5, class_names=np.array(["a", "b", "c", "d", "e"])
     )
-    data = build_data({"name": "npz", "path": str(path)}, batch_size=8)
+    data = build_data(dataset("npz", path=str(path)), batch_size=8)
     info = data.info
     assert (info.num_classes, info.in_chans, info.image_size) == (5, 3, (10, 12))
     assert info.class_names == ("a", "b", "c", "d", "e") and (info.n_train, info.n_test) == (40, 12)
     path = write_npz(tmp_path / "g.npz", shape=(8, 8), classes=3)
     data = build_data(
-        {"name": "npz", "path": str(path), "augment": {"crop_padding": 1}}, batch_size=8
+        dataset("npz", path=str(path), augment={"crop_padding": 1}), batch_size=8
     )
     assert (data.info.num_classes, data.info.in_chans, data.info.image_size) == (3, 1, 8)
     assert next(data.train_batches(0))[0].shape == (8, 1, 8, 8)
@@ -305,36 +380,36 @@ def test_npz_loads_color_and_grayscale(tmp_path):
 
 def test_npz_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match=r"dataset\.path="):
-        build_data({"name": "npz"}, batch_size=8)
+        build_data(dataset("npz"), batch_size=8)
     with pytest.raises(DataError, match=r"dataset\.path=.*nope\.npz: no such file"):
-        build_data({"name": "npz", "path": str(tmp_path / "nope.npz")}, batch_size=8)
+        build_data(dataset("npz", path=str(tmp_path / "nope.npz")), batch_size=8)
     bad = write_npz(
         tmp_path / "f.npz",
         x_train=np.zeros((4, 8, 8, 3), np.float32),
         y_train=np.zeros(4, np.int64),
     )
     with pytest.raises(DataError, match=r"x_train has dtype float32, expected uint8"):
-        build_data({"name": "npz", "path": str(bad)}, batch_size=2)
+        build_data(dataset("npz", path=str(bad)), batch_size=2)
     bad = write_npz(tmp_path / "m.npz", y_test=None)
     with pytest.raises(DataError, match=r"lacks array 'y_test'"):
-        build_data({"name": "npz", "path": str(bad)}, batch_size=2)
+        build_data(dataset("npz", path=str(bad)), batch_size=2)
     bad = write_npz(tmp_path / "n.npz", y_train=np.zeros(39, np.int64))
     with pytest.raises(DataError, match=r"y_train has 39 labels but there are 40 images"):
-        build_data({"name": "npz", "path": str(bad)}, batch_size=2)
+        build_data(dataset("npz", path=str(bad)), batch_size=2)
     bad = write_npz(tmp_path / "p.npz", class_names=np.array([{"a": 1}], dtype=object))
     with pytest.raises(DataError, match=r"pickled"):
-        build_data({"name": "npz", "path": str(bad)}, batch_size=2)
+        build_data(dataset("npz", path=str(bad)), batch_size=2)
     bad = write_npz(tmp_path / "t.npz", x_train=np.zeros((40, 3, 8, 8), np.uint8))
     with pytest.raises(DataError, match=r"channels-first"):
-        build_data({"name": "npz", "path": str(bad)}, batch_size=2)
+        build_data(dataset("npz", path=str(bad)), batch_size=2)
     (tmp_path / "z.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match=r"z\.npz is not a \.npz file"):
-        build_data({"name": "npz", "path": str(tmp_path / "z.npz")}, batch_size=2)
+        build_data(dataset("npz", path=str(tmp_path / "z.npz")), batch_size=2)
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10.is_file(), reason=f"{SHARED_CIFAR10} is not present")
 def test_real_cifar10_npz_loads():
-    data = build_data({"name": "npz", "path": str(SHARED_CIFAR10)}, batch_size=128)
+    data = build_data(dataset("npz", path=str(SHARED_CIFAR10)), batch_size=128)
     info = data.info
     assert (info.n_train, info.n_test, info.num_classes, info.in_chans, info.image_size) == (
         50000,
@@ -353,7 +428,7 @@ def test_real_cifar10_npz_loads():
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 def test_fashion_mnist_mini_is_shipped_and_loads():
-    data = build_data({"name": "fashion_mnist_mini"}, batch_size=64)
+    data = build_data(dataset("fashion_mnist_mini"), batch_size=64)
     info = data.info
     assert (info.n_train, info.n_test, info.num_classes, info.in_chans, info.image_size) == (
         6000,
@@ -380,16 +455,16 @@ def test_fashion_mnist_mini_is_shipped_and_loads():
 )
 def test_fashion_mnist_full_matches_mini():
     data = build_data(
-        {"name": "fashion_mnist", "train_subset": 6000, "test_subset": 1000}, batch_size=64
+        dataset("fashion_mnist", train_subset=6000, test_subset=1000), batch_size=64
     )
-    mini = build_data({"name": "fashion_mnist_mini"}, batch_size=64)
+    mini = build_data(dataset("fashion_mnist_mini"), batch_size=64)
     assert torch.equal(data.train_images, mini.train_images)
     assert torch.equal(data.test_images, mini.test_images)
 
 
 def test_fashion_mnist_missing_names_path_and_install(tmp_path):
     with pytest.raises(DataError) as err:
-        build_data({"name": "fashion_mnist", "root": str(tmp_path)}, batch_size=8)
+        build_data(dataset("fashion_mnist", root=str(tmp_path)), batch_size=8)
     message = str(err.value)
     assert str(tmp_path) in message and "apt-get install dataset-fashion-mnist" in message
     assert "fashion_mnist_mini" in message
@@ -398,7 +473,7 @@ def test_fashion_mnist_missing_names_path_and_install(tmp_path):
 # ----------------------------------------------------------------------------- CIFAR files
 def test_cifar_missing_without_download_names_path(tmp_path):
     with pytest.raises(DataError) as err:
-        build_data({"name": "cifar10", "root": str(tmp_path), "download": False}, batch_size=8)
+        build_data(dataset("cifar10", root=str(tmp_path), download=False), batch_size=8)
     message = str(err.value)
     assert str(tmp_path / "cifar-10-batches-py") in message and "dataset.download=true" in message
 
@@ -413,7 +488,7 @@ def test_cifar_failed_download_is_one_line_with_alternatives(tmp_path, monkeypat
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     monkeypatch.setattr(cls, "download", offline)
     with pytest.raises(DataError) as err:
-        build_data({"name": name, "root": str(tmp_path), "download": True}, batch_size=8)
+        build_data(dataset(name, root=str(tmp_path), download=True), batch_size=8)
     message = str(err.value)
     assert "\n" not in message and str(tmp_path) in message and "download failed" in message
     assert "dataset=npz dataset.path=" in message and "dataset=fashion_mnist" in message
@@ -444,7 +519,7 @@ def test_cifar10_reads_torchvision_files(tmp_path, monkeypatch):
     (folder / "batches.meta").write_bytes(pickle.dumps(meta))
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
-    data = build_data({"name": "cifar10", "root": str(tmp_path)}, batch_size=4)
+    data = build_data(dataset("cifar10", root=str(tmp_path)), batch_size=4)
     info = data.info
     assert (info.n_train, info.n_test, info.num_classes, info.image_size) == (20, 4, 10, 32)
     assert info.mean == (0.4914, 0.4822, 0.4465) and info.class_names[0] == "c0"
@@ -469,13 +544,7 @@ def make_image_tree(root: Path, classes=("cat", "dog", "emu"), n_train=5, n_val=
 
 def test_imagefolder_tiny_tree(tmp_path):
     root = make_image_tree(tmp_path / "imgs")
-    cfg = {
-        "name": "imagefolder",
-        "root": str(root),
-        "image_size": 8,
-        "num_workers": 0,
-        "augment": {"crop_padding": 2},
-    }
+    cfg = dataset("imagefolder", root=str(root), image_size=8, num_workers=0, augment={"crop_padding": 2})
     data = build_data(cfg, batch_size=4, eval_batch_size=4, seed=2)
     info = data.info
     assert (info.num_classes, info.n_train, info.n_test, info.image_size) == (3, 15, 6, 8)
@@ -498,7 +567,7 @@ def test_imagefolder_tiny_tree(tmp_path):
     assert ye.tolist() == [0, 0, 1, 1, 2, 2]
     # Worker processes only decode: batches are the same with them.
     workers = build_data(
-        {**cfg, "num_workers": 1, "mean": list(info.mean), "std": list(info.std)},
+        {**cfg, "num_workers": 1, "mean": list(info.mean), "std": list(info.std)},  # a plain dict does too
         batch_size=4,
         seed=2,
     )
@@ -508,25 +577,25 @@ def test_imagefolder_tiny_tree(tmp_path):
 
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DataError, match=r"dataset\.root="):
-        build_data({"name": "imagefolder"}, batch_size=4)
+        build_data(dataset("imagefolder"), batch_size=4)
     with pytest.raises(DataError, match=r"has no train/ folder"):
-        build_data({"name": "imagefolder", "root": str(tmp_path)}, batch_size=4)
+        build_data(dataset("imagefolder", root=str(tmp_path)), batch_size=4)
 
 
 # ----------------------------------------------------------------------------- synthetic
 def test_synthetic_is_deterministic_and_fast():
     start = time.perf_counter()
-    a = make_synthetic()
+    a = synthetic_splits()
     elapsed = time.perf_counter() - start
-    b = make_synthetic()
+    b = synthetic_splits()
     assert np.array_equal(a.x_train, b.x_train) and np.array_equal(a.y_test, b.y_test)
     assert a.x_train.shape == (2000, 32, 32, 3) and a.x_test.shape == (500, 32, 32, 3)
-    assert not np.array_equal(a.x_train, make_synthetic(seed=1).x_train)
+    assert not np.array_equal(a.x_train, synthetic_splits(seed=1).x_train)
     assert elapsed < 2.0  # about 0.2 s on a 2-core CI machine; the budget is 1 s
 
 
 def test_synthetic_is_learnable_but_not_trivial():
-    data = build_data({"name": "synthetic"}, batch_size=64, seed=0)
+    data = build_data(dataset("synthetic"), batch_size=64, seed=0)
     torch.manual_seed(0)
     model = torch.nn.Linear(3 * 32 * 32, 10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -566,8 +635,8 @@ def test_info_gives_each_training_position_its_label_on_the_cpu(tmp_path):
     assert data.info == build_data(small_synthetic(train_subset=60), batch_size=16, seed=3).info
     # the image-folder module gives them too (after its own subset)
     root = make_image_tree(tmp_path / "imgs", n_train=4, n_val=1)
-    folder = build_data({"name": "imagefolder", "root": str(root), "image_size": 8, "num_workers": 0,
-                         "train_subset": 9, "mean": [0.5] * 3, "std": [0.25] * 3}, batch_size=4, seed=2)
+    folder = build_data(dataset("imagefolder", root=str(root), image_size=8, num_workers=0, train_subset=9,
+                                mean=[0.5] * 3, std=[0.25] * 3), batch_size=4, seed=2)
     labels = folder.info.train_labels
     assert labels.dtype == torch.int64 and labels.shape == (9,)
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 
 from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
 from kdrun.engine.metrics import MetricsWriter
-from kdrun.engine.schedule import LRSchedule
+from kdrun.engine.schedule import Cosine, MultiStep
 from kdrun.engine.store import ModelStore
 from kdrun.errors import CheckpointError
 
@@ -74,9 +73,9 @@ def test_metrics_writer_columns_and_resume(tmp_path):
 
 
 def test_multistep_and_cosine_schedules():
-    ms = LRSchedule(OmegaConf.create({"name": "multistep", "milestones": [2, 4], "gamma": 0.1}), 0.05, 6, 10)
+    ms = MultiStep(0.05, 6, 10, milestones=[2, 4], gamma=0.1)
     assert [round(ms(e, 0), 6) for e in range(6)] == [0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005]
-    cos = LRSchedule(OmegaConf.create({"name": "cosine", "min_lr": 0.0, "warmup_epochs": 1}), 0.1, 5, 4)
+    cos = Cosine(0.1, 5, 4, min_lr=0.0, warmup_epochs=1)
     assert cos(0, 0) == pytest.approx(0.1 * 0.25)  # warm-up, first step
     assert cos(1, 0) == pytest.approx(0.1)  # end of warm-up: the peak
     assert cos(3, 0) == pytest.approx(0.05)  # half-way through the decay

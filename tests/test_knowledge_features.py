@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdrun.config import compose
+from kdrun.config import build_knowledge, compose
 from kdrun.errors import ConfigError
-from kdrun.knowledge import KnowledgeSet, Step, build_knowledge
+from kdrun.knowledge import KnowledgeSet, Step
 from kdrun.knowledge.contrastive import CRD, memory_scores, nce_loss
 from kdrun.knowledge.features import (
     AB,

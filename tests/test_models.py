@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.errors import CheckpointError, ConfigError
-from kdrun.models import ZOO, TapModel, count_macs, count_params, create_model, tap_shapes
+from kdrun.models import ZOO, TapModel, count_macs, count_params, create_model, tap_shapes, timm_model, zoo_model
 from kdrun.models import zoo_cli
 
 # Published CIFAR-100 parameter counts in millions (CRD, Tian et al. 2020, and the
@@ -157,6 +157,36 @@ def test_count_macs_formula():
     assert count_macs(_model("resnet20"), 3, 32) == pytest.approx(41e6, rel=0.03)
 
 
+def test_count_macs_counts_attention():
+    class Attention(nn.Module):  # 16 tokens of 3 channels, 2 heads of width 4
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(3, 24)
+
+        def forward(self, x):
+            tokens = x.flatten(2).transpose(1, 2)
+            q, k, v = self.qkv(tokens).reshape(1, 16, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v).sum()
+
+    # qkv: 16 tokens * 24 outputs * 3 inputs; q @ k^T and attn @ v: 2 heads * 16 * 16 * (4 + 4)
+    assert count_macs(Attention(), 3, 4) == 16 * 24 * 3 + 2 * 16 * 16 * (4 + 4)
+    # a timm ViT at 32x32 (5 tokens, 12 blocks of 3 heads of width 64): its Conv2d/Linear MACs (what the
+    # former forward-hook count_macs gave: 27,133,824) plus q @ k^T and attn @ v, fused or explicit
+    vit = timm_model("vit_tiny_patch16_224", num_classes=10, image_size=32)
+    assert count_macs(vit, 3, 32) == 27_133_824 + 12 * 3 * 5 * 5 * (64 + 64)
+    for block in vit.model.blocks:
+        block.attn.fused_attn = False
+    assert count_macs(vit, 3, 32) == 27_133_824 + 12 * 3 * 5 * 5 * (64 + 64)
+
+
+def test_zoo_macs_unchanged():
+    # conv/linear-only zoo nets: the MACs of the former Conv2d/Linear forward hooks (kdrun-zoo --csv at
+    # 3x32x32, 100 classes, before count_macs used FlopCounterMode)
+    before = {"resnet8": 12_507_392, "resnet56": 125_753_600, "wrn_16_1": 26_663_168, "vgg8": 96_192_512,
+              "mobilenetv2": 6_523_648, "shufflenetv1": 38_691_456, "shufflenetv2": 44_504_448}
+    assert {name: count_macs(_model(name), 3, 32) for name in before} == before
+
+
 def test_timm_registry_has_zoo():
     names = set(timm.list_models("cifar_*"))
     assert {f"cifar_{n}" for n in ZOO} <= names
@@ -167,8 +197,25 @@ def test_timm_registry_has_zoo():
         timm.create_model("cifar_resnet20", pretrained=True)
 
 
+def test_zoo_models_come_from_timms_registry():
+    torch.manual_seed(0)
+    from_timm = timm.create_model("cifar_resnet8", num_classes=10)
+    torch.manual_seed(0)
+    zoo = zoo_model("resnet8", num_classes=10)
+    assert type(zoo) is type(from_timm) and zoo.arch == "resnet8"
+    assert all(torch.equal(a, b) for a, b in zip(zoo.state_dict().values(), from_timm.state_dict().values()))
+    assert timm_model("cifar_resnet8", num_classes=10).arch == "resnet8"  # a TapModel already: not wrapped
+    # the builders' name checks, run before anything is built
+    zoo_model.check_name("resnet8")
+    timm_model.check_name(SMALL_TIMM)
+    with pytest.raises(ConfigError, match="did you mean resnet8"):
+        zoo_model.check_name("resnet9")
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        timm_model.check_name("resnet8")
+
+
 def test_timm_model_taps():
-    model = create_model("timm", num_classes=10, in_chans=1, image_size=28, timm_name=SMALL_TIMM).eval()
+    model = timm_model(SMALL_TIMM, num_classes=10, in_chans=1, image_size=28).eval()
     assert model.arch == f"timm:{SMALL_TIMM}" and model.supports_preact is False
     assert model.num_classes == 10 and model.in_chans == 1
     x = torch.randn(2, 1, 28, 28)
@@ -185,7 +232,7 @@ def test_timm_model_taps():
     assert tap_shapes(model, 1, 28)["logits"] == (10,)
     with pytest.raises(ConfigError, match=SMALL_TIMM):
         model.forward_taps(x, preact=True)
-    # "timm:<name>" is the same as name="timm", timm_name=<name>
+    # create_model("timm:<name>") is timm_model(<name>)
     assert create_model(model.arch, num_classes=10, in_chans=1).arch == model.arch
 
 
@@ -201,7 +248,7 @@ def test_timm_pretrained_from_local_file(tmp_path, suffix):
     else:
         torch.save({"state_dict": source.state_dict()}, path)
 
-    model = create_model("timm", num_classes=10, in_chans=1, timm_name=SMALL_TIMM, pretrained=str(path))
+    model = timm_model(SMALL_TIMM, num_classes=10, in_chans=1, pretrained=str(path))
     target = model.model.state_dict()
     head = {f"{n}.{p}" for n, m in model.model.named_modules() if m is model.classifier for p in ("weight", "bias")}
     for key, value in source.state_dict().items():
@@ -237,11 +284,11 @@ def test_unknown_names():
     assert "'nosuchnet'" in message and "\n" not in message
     assert all(name in message for name in ZOO + ["timm"])
     with pytest.raises(ConfigError, match=r"timm\.list_models\('\*mobilenetv3\*'\)"):
-        create_model("timm", num_classes=10, timm_name="mobilenetv3_tiny_999")
-    with pytest.raises(ConfigError, match="timm_name"):
+        create_model("timm:mobilenetv3_tiny_999", num_classes=10)
+    with pytest.raises(ConfigError, match="needs a name"):
+        timm_model("", num_classes=10)
+    with pytest.raises(ConfigError, match="'timm'"):
         create_model("timm", num_classes=10)
-    with pytest.raises(ConfigError, match="timm_name"):
-        create_model("resnet8", num_classes=10, timm_name=SMALL_TIMM)
 
 
 @pytest.mark.parametrize("kwargs", [{"num_classes": 0}, {"in_chans": 0}, {"image_size": 8}])

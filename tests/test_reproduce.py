@@ -76,7 +76,7 @@ def test_every_experiment_file_composes_with_its_pair(pair):
     assert cfg.pair.name == pair
     assert cfg.dataset.name == "cifar100" and cfg.trainer.epochs == 240 and cfg.optim.lr == 0.05
     assert list(cfg.sched.milestones) == [150, 180, 210]
-    # CRD recipe: lr 0.01 for MobileNetV2/ShuffleNet students (from conf/student), the rest optim.lr
+    # CRD recipe: lr 0.01 for MobileNetV2/ShuffleNet students (the experiment file's student.lr), the rest optim.lr
     assert cfg.student.lr == (0.01 if student in ("mobilenetv2", "shufflenetv1", "shufflenetv2") else None)
     assert "dkd" not in cfg.loss  # the pair's DKD beta must not break other methods
     # the pair's beta applies by itself whenever dkd is selected (alone or in a combination) ...

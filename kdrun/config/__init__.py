@@ -5,8 +5,7 @@ Nothing else in kdrun calls ``hydra.utils.instantiate``: :func:`instantiate` is 
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,8 +19,6 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 #: groups whose option may be a `+`-joined combination: loss terms (merged), teachers (a list)
 COMBO_GROUPS = ("loss", "teacher")
-#: plain keys that hold a list of model names: `ta=[a,b]` or `ta=a+b`
-MODEL_LIST_KEYS = ("ta", "peers")
 
 
 #: config dirs added with Hydra's ``hydra.searchpath=[file://DIR,...]`` (your own schemes, datasets,
@@ -39,6 +36,7 @@ def set_search_path(argv: Iterable[str]) -> list[Path]:
                 if entry.startswith("file://") or "://" not in entry:
                     dirs.append(Path(entry.removeprefix("file://")).expanduser())
     _SEARCH_DIRS[:] = dirs
+    register_model_roles()
     return dirs
 
 
@@ -68,8 +66,11 @@ def group_options(group: str) -> list[str]:
 
 
 def config_groups() -> list[str]:
-    return sorted({p.name for base in config_dirs() if base.is_dir()
-                   for p in base.iterdir() if p.is_dir() and p.name != "hydra"})
+    """The groups a command line picks from: the folders of the config dirs and the groups of Hydra's
+    ConfigStore (teacher, student), less conf/model, whose options are picked through those roles."""
+    stored = {k for k, v in ConfigStore.instance().repo.items() if isinstance(v, dict)}
+    return sorted(({p.name for base in config_dirs() if base.is_dir() for p in base.iterdir() if p.is_dir()}
+                   | stored) - {"hydra", MODEL_GROUP})
 
 
 def _split_sweep(value: str) -> list[str]:
@@ -86,14 +87,15 @@ def register_combo(group: str, value: str) -> None:
     """Register `group/a+b`.
 
     loss: a config whose defaults list is [a, b] (Hydra's multi-select: one key per term).
-    teacher: one node named `a+b` (the multi-teacher scheme reads each member's own config).
+    teacher: one node named `a+b` (the multi-teacher scheme composes each member's model config,
+    :func:`model_node`); the root config's teacher keys (checkpoint, epochs, ...) join it.
     """
     parts = value.split("+")
     cs = ConfigStore.instance()
     if group == "loss":
         cs.store(group=group, name=value, node={"defaults": parts})
     else:
-        cs.store(group=group, name=value, node={"name": value, "lr": None, "checkpoint": None, "epochs": None})
+        cs.store(group=group, name=value, node={"name": value})
 
 
 def split_models(value) -> list[str]:
@@ -105,13 +107,96 @@ def split_models(value) -> list[str]:
     return [v for v in str(value).split("+") if v]
 
 
+#: the group of model configs (conf/model/<name>.yaml) and the groups that pick one for their role
+MODEL_GROUP = "model"
+MODEL_ROLES = ("teacher", "student")
+_ROLE_OPTIONS: set[str] = set()  # the model options registered in MODEL_ROLES
+
+
+def register_model_roles() -> None:
+    """Make every model config an option of the teacher and student groups.
+
+    ``teacher=resnet56`` selects ``teacher/resnet56``: a ConfigStore entry whose defaults list is
+    ``[/model@_here_: resnet56]``, i.e. conf/model/resnet56.yaml composed at ``teacher``, so each
+    model's YAML exists once (in conf/ or a ``hydra.searchpath`` dir). The role keys (checkpoint,
+    epochs, lr, cache...) come from the root config. Options of dirs no longer searched are dropped.
+    """
+    names = set(group_options(MODEL_GROUP))
+    for role in MODEL_ROLES:
+        for name in _ROLE_OPTIONS - names:
+            _unstore(f"{role}/{name}")
+        for name in names:
+            group, _, leaf = f"{role}/{name}".rpartition("/")
+            ConfigStore.instance().store(group=group, name=leaf, node={"defaults": [{f"/{MODEL_GROUP}@_here_": name}]})
+    _ROLE_OPTIONS.clear()
+    _ROLE_OPTIONS.update(names)
+
+
+def _unstore(path: str) -> None:
+    """Remove the ConfigStore entry ``group/name`` (if there)."""
+    *groups, leaf = path.split("/")
+    node = ConfigStore.instance().repo
+    for part in groups:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(f"{leaf}.yaml", None)
+
+
+register_model_roles()
+
+
 def model_node(name: str) -> DictConfig:
-    """The config of one model by name, as the teacher group has it (conf/teacher/<name>.yaml)."""
-    path = CONF_DIR / "teacher" / f"{name}.yaml"
-    if name == "timm" or not path.is_file():
-        valid = [o for o in group_options("teacher") if o != "timm" and "+" not in o]
+    """The config of one model by name (assistants, peers, the teachers of ``teacher=a+b``): Hydra's
+    composition of conf/model/<name>, so its defaults list, interpolations and the search path's
+    dirs apply, as for ``teacher=<name>``. Role keys are not in it: the scheme sets those it uses."""
+    from hydra import compose as hydra_compose
+
+    valid = group_options(MODEL_GROUP)
+    if name not in valid:
         raise ConfigError(f"unknown model '{name}'; valid: {choices_text(valid)}")
-    return OmegaConf.load(path)
+    with _kdrun_hydra():
+        node = hydra_compose(config_name=None, overrides=[f"+{MODEL_GROUP}={name}", *search_path_overrides()])
+    node = node[MODEL_GROUP]
+    missing = sorted(key.partition(".")[2] for key in OmegaConf.missing_keys(node))
+    if missing:
+        raise ConfigError(f"model '{name}' leaves {missing[0]} unset (???); assistants, peers and the teachers "
+                          "of teacher=a+b take a model config that needs no further keys")
+    return OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+
+
+@contextlib.contextmanager
+def _kdrun_hydra():
+    """Hydra initialised on kdrun's conf/ for a compose, also inside a running Hydra app (the CLI's),
+    whose state is put back afterwards."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    saved = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            yield
+    finally:
+        GlobalHydra.instance().hydra = saved
+
+
+def instantiate_model(node: DictConfig, **data: Any) -> Any:
+    """Build a model from its config node (``_target_`` and the model's own keys, beside which the
+    role keys sit): the keys and ``data`` (num_classes, in_chans, image_size) the target accepts."""
+    import inspect
+
+    from hydra.utils import get_method
+
+    target = node.get("_target_")
+    try:
+        params = inspect.signature(get_method(str(target))).parameters
+    except Exception as exc:  # noqa: BLE001 - a mistyped _target_ in a model's YAML
+        raise ConfigError(f"{node._key() or 'model'}._target_={target}: cannot import it "
+                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    own = {k: node[k] for k in node if k != "_target_" and (takes_all or k in params)}
+    given = {k: v for k, v in data.items() if takes_all or k in params}
+    return instantiate(OmegaConf.create({"_target_": target, **own}), **given)
 
 
 def normalize_argv(argv: Iterable[str]) -> list[str]:
@@ -133,12 +218,13 @@ def check_overrides(overrides: Iterable[str]) -> None:
     from kdrun.config.checks import did_you_mean
 
     groups = set(config_groups())
+    list_keys = model_list_keys()
     for ov in overrides:
         if "=" not in ov or ov.startswith("hydra"):
             continue
         key, value = ov.split("=", 1)
         key = key.lstrip("+~")
-        if key in MODEL_LIST_KEYS and "${" not in value and value.strip() not in ("null", ""):
+        if key in list_keys and "${" not in value and value.strip() not in ("null", ""):
             valid = [o for o in group_options("teacher") if o != "timm" and "+" not in o]
             for part in _split_sweep(value.replace("+", ",")):
                 if part not in valid:
@@ -173,23 +259,40 @@ def check_overrides(overrides: Iterable[str]) -> None:
                 register_combo(key, v)
 
 
+def component_class(node: Any) -> type:
+    """The class a `_target_` node names, without building it (what a scheme or term declares)."""
+    from hydra.utils import get_class
+
+    target = node.get("_target_") if hasattr(node, "get") else None
+    try:
+        return get_class(str(target))
+    except Exception as exc:  # noqa: BLE001 - a mistyped _target_ in a user's YAML
+        raise ConfigError(f"cannot import _target_ {target}: {str(exc).splitlines()[0]}") from None
+
+
 def _run_name(*, _root_: DictConfig) -> str:
-    """`<scheme>_<who teaches whom>_<loss>_<dataset>`, e.g. offline_resnet56-resnet20_kd+fitnet_cifar100."""
-    scheme = str(_root_.scheme.name)
-    student = str(_root_.student.name)
-    loss = loss_name(_root_.loss)
-    data = str(_root_.dataset.name)
-    if scheme == "baseline":
-        return f"{scheme}_{student}_{data}"
-    if scheme == "ta_chain":
-        models = "-".join([str(_root_.teacher.name), *split_models(_root_.get("ta")), student])
-    elif scheme == "mutual":
-        models = "+".join(split_models(_root_.get("peers"))) or "peers"
-    elif scheme in ("born_again", "byot"):
-        models = student
-    else:
-        models = f"{_root_.teacher.name}-{student}"
-    return f"{scheme}_{models}_{loss}_{data}"
+    """The scheme's name for a run dir (:meth:`kdrun.schemes.base.Scheme.run_name`)."""
+    return component_class(_root_.scheme).run_name(_root_)
+
+
+def model_list_keys() -> tuple[str, ...]:
+    """Root keys that hold model lists (``ta``, ``peers``): those every scheme config declares."""
+    keys: set[str] = set()
+    for option in group_options("scheme"):
+        node = _load_option("scheme", option)
+        node = node.get("scheme", node) if node is not None else None
+        if node is not None and node.get("_target_"):
+            with contextlib.suppress(ConfigError):
+                keys.update(component_class(node).model_list_keys)
+    return tuple(sorted(keys))
+
+
+def _load_option(group: str, option: str) -> DictConfig | None:
+    for base in config_dirs():
+        path = base / group / f"{option}.yaml"
+        if path.is_file():
+            return OmegaConf.load(path)
+    return None
 
 
 def loss_name(loss: Any) -> str:
@@ -241,16 +344,23 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         raise ConfigError(f"cannot build {target}: {reason}") from exc
 
 
+def build_knowledge(loss_cfg, ce_weight="auto"):
+    """Instantiate every term of ``cfg.loss`` (one `_target_` node per term) into a KnowledgeSet
+    whose label cross-entropy weight is ``ce_weight`` (the root config's ``ce_weight``)."""
+    from kdrun.knowledge import KnowledgeSet
+
+    terms = {}
+    for name, node in (loss_cfg or {}).items():
+        if node is None or "_target_" not in node:
+            raise ConfigError(f"loss.{name} has no _target_; is conf/loss/{name}.yaml missing '# @package loss.{name}'?")
+        terms[name] = instantiate(node)
+    return KnowledgeSet(terms, ce_weight)
+
+
 def to_plain(node: Any) -> Any:
     if isinstance(node, (DictConfig, ListConfig)):
         return OmegaConf.to_container(node, resolve=True)
     return node
-
-
-def recipe_hash(recipe: dict) -> str:
-    """A short stable hash of a JSON-able recipe (sorted keys)."""
-    blob = json.dumps(recipe, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def parse_overrides(texts: Iterable[str]) -> list[tuple[str, Any]]:

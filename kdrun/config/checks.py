@@ -134,19 +134,16 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_missing(cfg: DictConfig) -> None:
     """A mandatory value left at ``???`` (student=timm without student.name): one line naming it."""
+    from kdrun.config import MODEL_ROLES
+
     missing = sorted(OmegaConf.missing_keys(cfg))
     if not missing:
         return
     key = missing[0]
-    role = key.split(".")[0]
-    if key.endswith(".name") and cfg.get(role) is not None and _source(cfg, role) == "timm":
-        raise ConfigError(f"{role}=timm needs a model name: set {role}.name=<a timm model>, e.g. {role}.name=resnet18")
+    role, _, rest = key.partition(".")
+    if role in MODEL_ROLES and rest == "name":
+        raise ConfigError(f"the {role}'s model config needs a name: set {key}=<model name>, e.g. {key}=resnet18")
     raise ConfigError(f"{key} has no value (???); set it with {key}=VALUE")
-
-
-def _source(cfg: DictConfig, role: str) -> str:
-    node = cfg[role]
-    return str(node.get("source", "zoo")) if isinstance(node, DictConfig) else "zoo"
 
 
 def _validate_cuda(device: str) -> None:
@@ -169,8 +166,11 @@ def _is_cuda_index(device: str) -> bool:
 
 
 def _validate_optim(cfg: DictConfig) -> None:
+    """The values every optimizer of conf/optim may have, then the optimizer itself built over one
+    dummy parameter (its class refuses a key it does not take)."""
     number(cfg, "optim.lr", above=0)
-    number(cfg, "optim.weight_decay", minimum=0)
+    if "weight_decay" in cfg.optim:
+        number(cfg, "optim.weight_decay", minimum=0)
     if "momentum" in cfg.optim:
         number(cfg, "optim.momentum", minimum=0)
     if "nesterov" in cfg.optim:
@@ -180,10 +180,18 @@ def _validate_optim(cfg: DictConfig) -> None:
         if not isinstance(betas, (list, ListConfig)) or len(betas) != 2 or not all(
                 is_number(b) and 0 <= b < 1 for b in betas):
             raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1), e.g. [0.9,0.999]")
+    _validate_finite(cfg, "optim")
+    import torch
+
+    from kdrun.engine.schedule import build_optimizer
+
+    build_optimizer([torch.zeros(1, requires_grad=True)], cfg.optim, float(cfg.optim.lr))
 
 
 def _validate_sched(cfg: DictConfig) -> None:
-    number(cfg, "sched.warmup_epochs", minimum=0)
+    """The values every schedule of conf/sched may have, then the schedule itself built."""
+    if "warmup_epochs" in cfg.sched:
+        number(cfg, "sched.warmup_epochs", minimum=0)
     if "milestones" in cfg.sched:
         milestones = _get(cfg, "sched.milestones")
         if not isinstance(milestones, (list, ListConfig)) or not all(is_integer(m) and m >= 0 for m in milestones):
@@ -193,6 +201,10 @@ def _validate_sched(cfg: DictConfig) -> None:
         number(cfg, "sched.gamma", above=0)
     if "min_lr" in cfg.sched:
         number(cfg, "sched.min_lr", minimum=0)
+    _validate_finite(cfg, "sched")
+    from kdrun.engine.schedule import build_schedule
+
+    build_schedule(cfg.sched, 0.1, 0, 1)
 
 
 def _validate_model(cfg: DictConfig, role: str) -> None:
@@ -207,14 +219,7 @@ def _validate_model(cfg: DictConfig, role: str) -> None:
         integer(cfg, f"{role}.cache_topk", 1, optional=True)
     if "cache_dtype" in node:
         choice(cfg, f"{role}.cache_dtype", ("auto", "float32", "float16", "bfloat16"))
-    if _source(cfg, role) == "timm":
-        name = _get(cfg, f"{role}.name")
-        from kdrun.models.factory import check_timm_name
-
-        try:
-            check_timm_name(str(name))
-        except ConfigError as exc:
-            raise ConfigError(f"{role}.name={name}: {exc}") from None
+    _validate_model_name(cfg, role)
     if node.get("pretrained") is not None:
         _existing_file(cfg, f"{role}.pretrained", _get(cfg, f"{role}.pretrained"),
                        "give a local weights file (safetensors or a state dict) or null")
@@ -223,6 +228,29 @@ def _validate_model(cfg: DictConfig, role: str) -> None:
         for path in (ckpt if isinstance(ckpt, (list, ListConfig)) else [ckpt]):
             _existing_file(cfg, f"{role}.checkpoint", path,
                            f"give a kdrun checkpoint (a run's checkpoints/best.pt) or null to train the {role}")
+
+
+def _validate_model_name(cfg: DictConfig, role: str) -> None:
+    """The model's ``_target_`` imports, and its builder's ``check_name`` (where it has one, e.g.
+    timm's registry for kdrun.models.timm_model) accepts ``<role>.name``."""
+    node = cfg[role]
+    if node.get("_target_") is None:  # teacher=a+b: each member is checked by name
+        return
+    from hydra.utils import get_method
+
+    target = _get(cfg, f"{role}._target_")
+    try:
+        builder = get_method(str(target))
+    except Exception as exc:  # noqa: BLE001 - a mistyped _target_ in a model's YAML
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{role}._target_={target}: cannot import it ({first})") from None
+    check = getattr(builder, "check_name", None)
+    if check is not None and "name" in node:
+        name = _get(cfg, f"{role}.name")
+        try:
+            check(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{role}.name={name}: {exc}") from None
 
 
 def _existing_file(cfg: DictConfig, key: str, value: Any, fix: str) -> None:

@@ -135,21 +135,7 @@ def check_command_line(argv: list[str]) -> None:
             rejected.append(f"job {k} ({' '.join(job)}): {exc}")
             continue
         if cfg is not None and not multirun:
-            run_dir = _flag_value(overrides, "hydra.run.dir")
-            if run_dir:
-                _not_a_file("hydra.run.dir", run_dir)
-            if cfg.trainer.resume is True:
-                _check_resume_dir(run_dir)
-            if run_dir and cfg.trainer.resume is True and (Path(run_dir) / "config.yaml").is_file():
-                from kdrun.run import check_resume
-
-                check_resume(cfg, Path(run_dir))
-            root = Path(run_dir).parent if run_dir else Path(str(cfg.paths.output_root))
-            _folder_possible("hydra.run.dir" if run_dir else "paths.output_root", str(run_dir or root))
-            for key in ("paths.store", "paths.cache"):
-                _folder_possible(key, str(_resolved(cfg, key)))
-            OUTPUT_BASE = _deepest_existing(root)
-            check_writable(root)
+            OUTPUT_BASE = check_run_dir(cfg, _flag_value(overrides, "hydra.run.dir"))
     if rejected and (len(rejected) == len(jobs) or not full):
         # nothing of this sweep could run (where only some jobs are bad, those become failed rows)
         raise ConfigError(f"every job of this sweep is rejected, e.g. {rejected[0]}")
@@ -158,6 +144,26 @@ def check_command_line(argv: list[str]) -> None:
         if sweep_dir:
             _not_a_file("hydra.sweep.dir", sweep_dir)
             check_writable(Path(sweep_dir).parent)
+
+
+def check_run_dir(cfg, run_dir: str | None) -> Path:
+    """A single run's places: the run dir (and a resume's config), the output root, the store and the
+    cache can be folders and written; returns the deepest existing folder above the output root."""
+    if run_dir:
+        _not_a_file("hydra.run.dir", run_dir)
+    if cfg.trainer.resume is True:
+        _check_resume_dir(run_dir)
+    if run_dir and cfg.trainer.resume is True and (Path(run_dir) / "config.yaml").is_file():
+        from kdrun.run import check_resume
+
+        check_resume(cfg, Path(run_dir))
+    root = Path(run_dir).parent if run_dir else Path(str(cfg.paths.output_root))
+    _folder_possible("hydra.run.dir" if run_dir else "paths.output_root", str(run_dir or root))
+    for key in ("paths.store", "paths.cache"):
+        _folder_possible(key, str(_resolved(cfg, key)))
+    base = _deepest_existing(root)
+    check_writable(root)
+    return base
 
 
 #: the deepest folder above a single run's output location that existed before this command: a run

@@ -276,11 +276,12 @@ def _undo_download(root: Path, created: Path | None, before: set) -> None:
             entry.unlink(missing_ok=True)
 
 
-def load_cifar(name: str, root: Path, download: bool) -> Splits:
-    """CIFAR-10/100 in torchvision's on-disk format under ``root``."""
+def load_cifar(torchvision_class: str, root: Path, download: bool, *, name: str) -> Splits:
+    """CIFAR-10/100 in torchvision's on-disk format under ``root``: ``torchvision_class`` is
+    ``CIFAR10`` or ``CIFAR100``; ``name`` (the dataset's) is what error messages call it."""
     import torchvision
 
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    cls = getattr(torchvision.datasets, torchvision_class)
     root = Path(root)
     where = root.absolute() / cls.base_folder
     try:

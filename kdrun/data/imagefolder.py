@@ -10,6 +10,7 @@ workers.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from kdrun.data.arrays import stratified_subset
 from kdrun.data.augment import BatchAugmenter, ImageStore
+from kdrun.data.base import (
+    DataSource,
+    at_least,
+    channel_floats,
+    check_padding,
+    required_path,
+)
 from kdrun.data.module import Batch, DataInfo, DataModule
 from kdrun.errors import ConfigError, DataError
 
@@ -88,14 +96,46 @@ def _estimate_stats(dataset: Dataset, num_workers: int):
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
+ROOT_EXAMPLE = "/path/to/folder (with train/ and val/ inside)"
+
+
+@dataclass
+class ImageFolder(DataSource):
+    """Images in ``root/train/<class>/`` and ``root/val/<class>/``, resized (shorter side) and
+    centre-cropped to ``image_size`` by ``num_workers`` DataLoader workers."""
+
+    root: str | None
+    image_size: int
+    num_workers: int
+
+    def __post_init__(self) -> None:
+        at_least(self, "image_size", self.image_size, 1)
+        at_least(self, "num_workers", self.num_workers, 0)
+        required_path(self, "root", ROOT_EXAMPLE)
+        super().__post_init__()
+
+    def shape(self) -> tuple[int, int]:
+        return self.image_size, 3
+
+    def check(self) -> None:
+        root = required_path(self, "root", ROOT_EXAMPLE)
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise DataError(f"dataset.root={root} has no {split}/ folder; dataset.root must hold train/ and "
+                                "val/, each with one subdirectory of images per class")
+
+    def data_module(self, *, device: torch.device, **batching) -> DataModule:
+        return ImageFolderDataModule(self, device=device, **batching)
+
+
 class ImageFolderDataModule(DataModule):
     """Batches from image folders via a DataLoader, augmented on the device."""
 
-    def __init__(self, spec, *, device: torch.device, **kwargs):
-        root = spec.path("root", example="/path/to/folder (with train/ and val/ inside)")
-        image_size = spec.int("image_size", minimum=1)
-        self.num_workers = spec.int("num_workers", minimum=0)
-        pad = spec.int("augment.crop_padding", minimum=0)
+    def __init__(self, source: ImageFolder, *, device: torch.device, **kwargs):
+        root = required_path(source, "root", ROOT_EXAMPLE)
+        image_size = source.image_size
+        self.num_workers = source.num_workers
+        pad = source.augment.crop_padding
         train_set = _folder(root, "train", image_size)
         test_set = _folder(root, "val", image_size)
         if test_set.classes != train_set.classes:
@@ -105,20 +145,16 @@ class ImageFolderDataModule(DataModule):
             )
         class_names = tuple(train_set.classes)
         num_classes = len(class_names)
-        train_set, train_labels = _subset(
-            train_set, spec.optional_count("train_subset"), "train_subset", num_classes
-        )
-        test_set, _ = _subset(
-            test_set, spec.optional_count("test_subset"), "test_subset", num_classes
-        )
-        mean = spec.channel_floats("mean", 3)
-        std = spec.channel_floats("std", 3)
+        train_set, train_labels = _subset(train_set, source.train_subset, "train_subset", num_classes)
+        test_set, _ = _subset(test_set, source.test_subset, "test_subset", num_classes)
+        mean = channel_floats(source, "mean", 3)
+        std = channel_floats(source, "std", 3)
         if mean is None or std is None:
             measured_mean, measured_std = _estimate_stats(train_set, self.num_workers)
             mean = mean or measured_mean
             std = std or measured_std
         info = DataInfo(
-            name="imagefolder",
+            name=source.name,
             num_classes=num_classes,
             in_chans=3,
             image_size=image_size,
@@ -129,11 +165,8 @@ class ImageFolderDataModule(DataModule):
             class_names=class_names,
             train_labels=torch.from_numpy(np.asarray(train_labels, dtype=np.int64).copy()),
         )
-        if pad >= image_size:
-            raise ConfigError(
-                f"dataset.augment.crop_padding={pad} must be smaller than image_size={image_size}"
-            )
-        super().__init__(info, device=device, pad=pad, hflip=spec.bool("augment.hflip"), **kwargs)
+        check_padding(pad, image_size, image_size)
+        super().__init__(info, device=device, pad=pad, hflip=source.augment.hflip, **kwargs)
         self._train_set, self._test_set = train_set, test_set
         self._augment = BatchAugmenter(image_size, image_size, pad, mean, std, device)
 

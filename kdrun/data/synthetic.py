@@ -10,18 +10,22 @@ with a random shift of up to ``SHIFT`` pixels for both prototypes, ``contrast`` 
 [0.5, 1], a random other class mixed in with weight in [0, 1], and uniform noise of unit
 variance; it is then mapped to uint8 around grey 128. The distractor and the noise keep
 the task from being trivial: a linear classifier on the pixels reaches roughly 70 % test
-accuracy on the default 2,000 training images, and a small CNN climbs well above chance
-within a couple of epochs without saturating.
+accuracy on the 2,000 training images of conf/dataset/synthetic.yaml, and a small CNN
+climbs well above chance within a couple of epochs without saturating.
 
 Generation depends only on the arguments (numpy ``default_rng(seed)``) and takes well
-under a second for the defaults.
+under a second for the YAML's sizes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from kdrun.data.arrays import Splits
+from kdrun.data.base import ArraySource, at_least
+from kdrun.errors import ConfigError
 
 SHIFT = 4  # max per-sample shift of the prototypes, pixels
 TERMS = 4  # plane waves per prototype channel
@@ -29,15 +33,8 @@ MAX_FREQ = 2.0  # cycles per image width
 PIXEL_SCALE = 40.0  # uint8 units per unit of signal
 
 
-def make_synthetic(
-    *,
-    num_classes: int = 10,
-    n_train: int = 2000,
-    n_test: int = 500,
-    image_size: int = 32,
-    channels: int = 3,
-    seed: int = 0,
-) -> Splits:
+def make_synthetic(*, num_classes: int, n_train: int, n_test: int, image_size: int, channels: int,
+                   seed: int) -> Splits:
     """Generate the train and test split (labels balanced within each split, shuffled)."""
     rng = np.random.default_rng(seed)
     size = image_size
@@ -90,3 +87,34 @@ def make_synthetic(
         num_classes=num_classes,
         class_names=tuple(f"class_{k}" for k in range(num_classes)),
     )
+
+
+@dataclass
+class Synthetic(ArraySource):
+    """The generated task above (``conf/dataset/synthetic.yaml``); ``seed`` fixes the images (the
+    training seed is separate)."""
+
+    num_classes: int
+    n_train: int
+    n_test: int
+    image_size: int
+    channels: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        classes, n_train = at_least(self, "num_classes", self.num_classes, 2), at_least(self, "n_train", self.n_train, 2)
+        if n_train < classes:
+            raise ConfigError(f"dataset.n_train={n_train} must be >= dataset.num_classes={classes}: every class "
+                              "needs training images")
+        at_least(self, "n_test", self.n_test, 1)
+        at_least(self, "image_size", self.image_size, 4)
+        at_least(self, "channels", self.channels, 1)
+        at_least(self, "seed", self.seed, 0)
+        super().__post_init__()
+
+    def shape(self) -> tuple[int, int]:
+        return self.image_size, self.channels
+
+    def load(self) -> Splits:
+        return make_synthetic(num_classes=self.num_classes, n_train=self.n_train, n_test=self.n_test,
+                              image_size=self.image_size, channels=self.channels, seed=self.seed)

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from kdrun.config import recipe_hash
-from kdrun.engine.io import atomic_write, write_json
+from kdrun.engine.io import atomic_write, recipe_hash, write_json
 
 log = logging.getLogger("kdrun")
 

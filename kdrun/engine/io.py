@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -79,6 +80,12 @@ def clean_temp_files(root: str | Path) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def recipe_hash(recipe: dict) -> str:
+    """A short stable hash of a JSON-able recipe (sorted keys): the name of a store or cache entry."""
+    blob = json.dumps(recipe, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -1,4 +1,10 @@
-"""Optimizers and learning-rate schedules (computed per step, so resuming is exact)."""
+"""Optimizers and learning-rate schedules (computed per step, so resuming is exact).
+
+Both come from their config group: ``conf/optim/<name>.yaml`` is a partial optimizer
+(``{_target_: torch.optim.SGD, _partial_: true, lr: ..., momentum: ...}``) and
+``conf/sched/<name>.yaml`` a partial :class:`LRSchedule` subclass; a stage's own lr replaces
+``optim.lr``. Another optimizer or schedule is its class and one YAML.
+"""
 
 from __future__ import annotations
 
@@ -11,46 +17,79 @@ from kdrun.errors import ConfigError
 
 log = logging.getLogger("kdrun")
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("multistep", "cosine")
-
 
 def build_optimizer(params, cfg, lr: float) -> torch.optim.Optimizer:
-    name = str(cfg.name)
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=float(cfg.momentum), nesterov=bool(cfg.nesterov),
-            weight_decay=float(cfg.weight_decay),
-        )
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=float(cfg.weight_decay))
-    raise ConfigError(f"unknown optim '{name}'; valid: {', '.join(OPTIMIZERS)}")
+    """The optimizer of ``cfg`` (the ``optim`` section) over ``params`` at learning rate ``lr``."""
+    from kdrun.config import instantiate
+
+    make = instantiate(cfg, lr=float(lr), _convert_="all")
+    try:
+        return make(params)
+    except (TypeError, ValueError) as exc:  # a key the optimizer does not take, or a value it refuses
+        raise ConfigError(f"optim._target_={cfg.get('_target_')} refuses its settings ({_first_line(exc)}); "
+                          "every key of optim except _target_/_partial_ must be an argument of that class") from None
+
+
+def build_schedule(cfg, base_lr: float, epochs: int, steps_per_epoch: int) -> LRSchedule:
+    """The schedule of ``cfg`` (the ``sched`` section) for a stage of ``epochs`` epochs."""
+    from kdrun.config import instantiate
+
+    make = instantiate(cfg, _convert_="all")
+    try:
+        return make(base_lr, epochs, steps_per_epoch)
+    except TypeError as exc:  # a key the schedule does not take
+        raise ConfigError(f"sched._target_={cfg.get('_target_')} refuses its settings ({_first_line(exc)}); "
+                          "every key of sched except _target_/_partial_ must be an argument of that class") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 class LRSchedule:
-    """lr(epoch, step): optional linear warm-up, then multistep or cosine decay."""
+    """lr(epoch, step): a linear warm-up per step from 0 to ``base_lr`` over ``warmup_epochs``,
+    then :meth:`decay` (a subclass's) of the time ``t = epoch + step / steps_per_epoch``."""
 
-    def __init__(self, cfg, base_lr: float, epochs: int, steps_per_epoch: int) -> None:
-        self.name = str(cfg.name)
-        if self.name not in SCHEDULES:
-            raise ConfigError(f"unknown sched '{self.name}'; valid: {', '.join(SCHEDULES)}")
+    def __init__(self, base_lr: float, epochs: int, steps_per_epoch: int, *, warmup_epochs: float = 0.0) -> None:
         self.base_lr, self.epochs, self.steps = float(base_lr), int(epochs), max(1, int(steps_per_epoch))
-        self.warmup = float(cfg.get("warmup_epochs", 0) or 0)
-        if self.name == "multistep":
-            self.milestones = sorted(int(m) for m in cfg.milestones)
-            self.gamma = float(cfg.gamma)
-            if epochs > 0 and not any(m < epochs for m in self.milestones):
-                log.info("note: no lr milestone (%s) falls within %d epochs; the lr stays at %g",
-                         ",".join(map(str, self.milestones)), epochs, self.base_lr)
-        else:
-            self.min_lr = float(cfg.min_lr)
+        self.warmup = float(warmup_epochs or 0)
 
     def __call__(self, epoch: int, step: int) -> float:
         t = epoch + step / self.steps
         if self.warmup > 0 and t < self.warmup:
             return self.base_lr * (t + 1.0 / self.steps) / self.warmup
-        if self.name == "multistep":
-            return self.base_lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        return self.decay(epoch, t)
+
+    def decay(self, epoch: int, t: float) -> float:
+        raise NotImplementedError
+
+
+class MultiStep(LRSchedule):
+    """lr = base_lr * gamma ** (number of ``milestones`` <= epoch)."""
+
+    def __init__(self, base_lr: float, epochs: int, steps_per_epoch: int, *, milestones, gamma: float,
+                 warmup_epochs: float = 0.0) -> None:
+        super().__init__(base_lr, epochs, steps_per_epoch, warmup_epochs=warmup_epochs)
+        self.milestones = sorted(int(m) for m in milestones)
+        self.gamma = float(gamma)
+        if epochs > 0 and not any(m < epochs for m in self.milestones):
+            log.info("note: no lr milestone (%s) falls within %d epochs; the lr stays at %g",
+                     ",".join(map(str, self.milestones)), epochs, self.base_lr)
+
+    def decay(self, epoch: int, t: float) -> float:
+        return self.base_lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+
+class Cosine(LRSchedule):
+    """lr = min_lr + (base_lr - min_lr) * (1 + cos(pi * f)) / 2, f the fraction of the epochs after
+    the warm-up that has passed (per step)."""
+
+    def __init__(self, base_lr: float, epochs: int, steps_per_epoch: int, *, min_lr: float,
+                 warmup_epochs: float = 0.0) -> None:
+        super().__init__(base_lr, epochs, steps_per_epoch, warmup_epochs=warmup_epochs)
+        self.min_lr = float(min_lr)
+
+    def decay(self, epoch: int, t: float) -> float:
         span = max(self.epochs - self.warmup, 1e-8)
         frac = min(max((t - self.warmup) / span, 0.0), 1.0)
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))

@@ -11,36 +11,16 @@ trained. An interrupted training resumes from its last checkpoint the next time 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 from pathlib import Path
 from typing import Callable
 
-from kdrun.config import recipe_hash
 from kdrun.engine import distributed as dist
-from kdrun.engine.io import clean_temp_files, write_json
+from kdrun.engine.io import clean_temp_files, file_lock, recipe_hash, write_json
 
 log = logging.getLogger("kdrun")
 
 MODEL_FILE = "model.pt"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, what: str):
-    """Hold an exclusive lock on ``path`` (created if missing) for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting: another kdrun process is training %s (lock %s)", what, path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 class ModelStore:
@@ -63,7 +43,7 @@ class ModelStore:
             return self._obtain_distributed(entry, recipe, what, train, world)
         if model_path.is_file():
             return model_path, False
-        with file_lock(entry.with_name(entry.name + ".lock"), what):
+        with file_lock(entry.with_name(entry.name + ".lock"), self._waiting(what, entry)):
             if model_path.is_file():  # trained by the process we waited for
                 return model_path, False
             entry.mkdir(parents=True, exist_ok=True)
@@ -74,9 +54,14 @@ class ModelStore:
                 raise RuntimeError(f"training {what} did not write {model_path}")
             return model_path, True
 
+    @staticmethod
+    def _waiting(what: str, entry: Path) -> str:
+        return f"waiting: another kdrun process is training {what} ({entry})"
+
     def _obtain_distributed(self, entry: Path, recipe: dict, what: str, train, world: dist.World):
         model_path = entry / MODEL_FILE
-        lock = file_lock(entry.with_name(entry.name + ".lock"), what) if world.is_main else contextlib.nullcontext()
+        lock = (file_lock(entry.with_name(entry.name + ".lock"), self._waiting(what, entry)) if world.is_main
+                else contextlib.nullcontext())
         with lock:
             exists = dist.broadcast_flag(model_path.is_file(), world)
             if not exists:

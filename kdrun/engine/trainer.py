@@ -24,7 +24,7 @@ from kdrun.engine import distributed as dist
 from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.progress import EpochProgress
-from kdrun.engine.schedule import LRSchedule, build_optimizer
+from kdrun.engine.schedule import build_optimizer, build_schedule
 from kdrun.errors import CheckpointError, DivergedError
 from kdrun.faults import fault_point
 from kdrun.knowledge.base import Step
@@ -37,14 +37,20 @@ EXPLODING = 1e4
 
 
 class Stage(Protocol):
-    """What the trainer needs from a scheme's stage."""
+    """What the trainer needs from a scheme's stage (kdrun.schemes.stages.SupervisedStage is the base
+    every stage extends, with the defaults of the optional parts)."""
 
     name: str
-    model: nn.Module  # the model evaluated and checkpointed (the student)
+    model: nn.Module  # the model checkpointed (the student)
+    eval_each_epoch: bool  # False: score only after the last epoch (init stages)
+    primary: str | None  # which output of a several-output eval model is "the student" (None: the only one)
 
     def parameters_to_train(self) -> list[nn.Parameter]: ...
     def train(self) -> None: ...
     def training_step(self, x: torch.Tensor, step: Step): ...
+    def eval_model(self) -> nn.Module: ...  # what evaluation scores (the model, or every exit/peer at once)
+    def end_epoch(self, epoch: int) -> None: ...
+    def extra_modules(self) -> dict[str, nn.Module]: ...  # trained beside the model: saved for resuming
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
 
@@ -181,7 +187,7 @@ class Trainer:
         world = self.world
         params = stage.parameters_to_train()
         optimizer = build_optimizer(params, self.cfg.optim, lr)
-        schedule = LRSchedule(self.cfg.sched, lr, epochs, steps)
+        schedule = build_schedule(self.cfg.sched, lr, epochs, steps)
         scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         result = FitResult(epochs=epochs)
         start = 0
@@ -246,17 +252,16 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 train_seconds = time.perf_counter() - t0
-                if hasattr(stage, "end_epoch"):
-                    stage.end_epoch(epoch)
+                stage.end_epoch(epoch)
                 if world.active:
                     seen = self._reduce_epoch(stage, world, seen, loss_sum, correct, term_sums)
                 train_loss = loss_sum.item() / max(seen, 1)
                 self._check_divergence(label, epoch, lr, params, train_loss, loss_max, first_loss)
                 base = {"stage": stage.name, "epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss}
                 base.update({k: v.item() / max(seen, 1) for k, v in term_sums.items()})
-                every = max(1, int(self.tcfg.eval_every)) if getattr(stage, "eval_each_epoch", True) else epochs
+                every = max(1, int(self.tcfg.eval_every)) if stage.eval_each_epoch else epochs
                 if epoch + 1 == epochs or (epoch + 1) % every == 0:
-                    scores = self._evaluate_outputs(stage.eval_model() if hasattr(stage, "eval_model") else stage.model)
+                    scores = self._evaluate_outputs(stage.eval_model())
                     bad = [n for n, sc in scores.items() if not math.isfinite(sc["test_loss"])]
                     if bad:
                         self._diverged(label, epoch, lr, "non-finite outputs on the test split")
@@ -272,7 +277,7 @@ class Trainer:
                     row["images_per_second"] = seen / max(train_seconds, 1e-9)
                     rows.append(row)
                 result.train_seconds += train_seconds
-                primary = self._record(result, rows, getattr(stage, "primary", None))
+                primary = self._record(result, rows, stage.primary)
                 for m in metrics:
                     for row in rows:
                         m.append(row)
@@ -294,7 +299,7 @@ class Trainer:
         training images (every tap, term and adapter runs once); no update, nothing written."""
         params = stage.parameters_to_train()
         build_optimizer(params, self.cfg.optim, lr)
-        LRSchedule(self.cfg.sched, lr, epochs, self.steps_per_epoch())
+        build_schedule(self.cfg.sched, lr, epochs, self.steps_per_epoch())
         stage.train()
         x, y, index = next(iter(self.data.train_batches(0, with_index=True)))
         with self.autocast():
@@ -303,9 +308,9 @@ class Trainer:
         for p in params:
             p.grad = None
         result = FitResult(epochs=epochs)
-        scores = self._evaluate_outputs(stage.eval_model() if hasattr(stage, "eval_model") else stage.model)
+        scores = self._evaluate_outputs(stage.eval_model())
         rows = [{"epoch": 0, **score, **({} if name is None else {"model": name})} for name, score in scores.items()]
-        self._record(result, rows, getattr(stage, "primary", None))
+        self._record(result, rows, stage.primary)
         return result
 
     # ------------------------------------------------------------------ divergence
@@ -337,9 +342,8 @@ class Trainer:
             correct[name] = dist.all_reduce_sum(correct[name].clone(), world)
         for name in sorted(term_sums):
             term_sums[name] = dist.all_reduce_sum(torch.as_tensor(term_sums[name], device=self.device).clone(), world)
-        for module in (stage.model, getattr(stage, "knowledge", None)):
-            if module is not None:
-                dist.average_buffers(module, world)
+        for module in (stage.model, *stage.extra_modules().values()):  # BN statistics of adapters and exits too
+            dist.average_buffers(module, world)
         return int(dist.all_reduce_sum(torch.tensor([seen], device=self.device), world).item())
 
     @staticmethod

@@ -76,6 +76,11 @@ class KnowledgeTerm(nn.Module):
     def teacher_taps(self) -> set[str]:
         return {"logits"}
 
+    def reads_logits_only(self) -> bool:
+        """A response term (it reads nothing but the logits of both networks): schemes that pass
+        knowledge between classifiers (BYOT's exits, a multi-teacher's aggregated logits) ask this."""
+        return self.student_taps() <= {"logits"} and self.teacher_taps() <= {"logits"}
+
     def setup(self, student_shapes: Mapping[str, tuple], teacher_shapes: Mapping[str, tuple], info=None) -> None:
         """Build adapters from tap shapes (without batch dim). ``info``: the dataset's DataInfo
         (n_train, num_classes...) for terms that keep per-sample state. Default: nothing to build."""

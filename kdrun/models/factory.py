@@ -1,4 +1,11 @@
-"""Model factory: zoo networks and timm models behind one :class:`TapModel` interface."""
+"""Model builders: zoo networks and timm models, all from timm's registry, as :class:`TapModel`.
+
+The ``_target_`` of every model config (``conf/model/<name>.yaml``) is one of these builders:
+:func:`zoo_model` for the CIFAR zoo (timm's ``cifar_<name>``), :func:`timm_model` for any timm
+name.  kdrun passes the data's ``num_classes``, ``in_chans`` and ``image_size`` to whichever of
+them a builder accepts.  A builder may carry ``check_name(name)``: the checks of its ``name`` that
+need nothing built, run before a run starts.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +19,7 @@ from kdrun.errors import ConfigError, choices_text
 from kdrun.models.base import TapModel
 from kdrun.models.timm_model import TimmTapModel
 from kdrun.models.weights import load_pretrained
-from kdrun.models.zoo import BUILDERS, TIMM_PREFIX
-
-#: zoo model names in display order (CIFAR networks of the CRD benchmark)
-ZOO: list[str] = list(BUILDERS)
+from kdrun.models.zoo import TIMM_PREFIX, ZOO
 
 #: smallest input side every zoo network accepts
 MIN_IMAGE_SIZE = 16
@@ -27,86 +31,92 @@ def _check_int(name: str, value, minimum: int, hint: str) -> int:
     return value
 
 
-def create_model(
-    name: str,
-    num_classes: int,
-    in_chans: int = 3,
-    image_size: int = 32,
-    timm_name: str | None = None,
-    pretrained: str | None = None,
-) -> TapModel:
-    """Build a zoo network or a timm model as a :class:`TapModel`.
+def timm_model(name: str, num_classes: int, in_chans: int = 3, image_size: int = 32,
+               pretrained: str | None = None) -> TapModel:
+    """Any model of timm's registry by its name, as a :class:`TapModel`.
 
     Args:
-        name: a zoo name (see :data:`ZOO`), or ``"timm"`` together with ``timm_name``
-            (``"timm:<timm_name>"`` is accepted as a shorthand; it is also the ``arch``
-            of the returned model).
+        name: a name of ``timm.list_models()`` (the zoo's are ``cifar_<name>``); built with
+            ``pretrained=False``.  A model that is a TapModel already (the zoo) is returned as it
+            is, any other is wrapped in :class:`TimmTapModel`.
         num_classes: classifier outputs.
         in_chans: input channels (1 for grey-scale, 3 for RGB).
-        image_size: input side in pixels; zoo nets need at least 16.  Timm models with a
-            fixed input size (ViTs, ...) are built for it.
-        timm_name: any name from ``timm.list_models()``; built with ``pretrained=False``.
+        image_size: input side in pixels; timm models with a fixed input size (ViTs, ...) are
+            built for it.
         pretrained: optional local weights file (safetensors or torch state dict); the
             classifier is skipped when its class count differs.  Nothing is downloaded.
     """
     _check_int("num_classes", num_classes, 1, "")
     _check_int("in_chans", in_chans, 1, " (1 for grey-scale, 3 for RGB)")
-    if isinstance(name, str) and name.startswith("timm:"):
-        if timm_name is not None and timm_name != name[5:]:
-            raise ConfigError(f"model '{name}' conflicts with timm_name '{timm_name}'; give one of them")
-        name, timm_name = "timm", name[5:]
-    if name == "timm":
-        model = _create_timm(timm_name, num_classes, in_chans, image_size)
-    elif name in BUILDERS:
-        if timm_name is not None:
-            raise ConfigError(f"timm_name '{timm_name}' is only used with model 'timm', not with zoo model '{name}'")
-        if isinstance(image_size, int) and not isinstance(image_size, bool) and 0 < image_size < MIN_IMAGE_SIZE:
-            raise ConfigError(
-                f"zoo model '{name}' needs images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels (image_size >= "
-                f"{MIN_IMAGE_SIZE}), got {image_size}x{image_size}; use larger images or a timm model (student=timm student.name=...)"
-            )
-        _check_int("image_size", image_size, MIN_IMAGE_SIZE, f" for zoo model '{name}'")
-        model = BUILDERS[name](num_classes, in_chans)
-    else:
-        raise ConfigError(f"unknown model {name!r}; valid: {choices_text(ZOO + ['timm'])}")
+    check_timm_name(name)
+    kwargs = {"num_classes": num_classes, "in_chans": in_chans}
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is not None and getattr(cfg, "fixed_input_size", False):
+        kwargs["img_size"] = image_size
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - report timm's reason as a config problem
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"timm model {name!r} cannot be built with num_classes={num_classes}, in_chans={in_chans}, "
+            f"image_size={image_size}: {reason}"
+        ) from exc
+    if not isinstance(model, TapModel):
+        model = TimmTapModel(name, model, num_classes, in_chans)
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
 
 
-def check_timm_name(timm_name: str | None) -> None:
-    """A name :func:`create_model` can build with timm, else the ConfigError naming close names."""
-    if not timm_name:
-        raise ConfigError("model 'timm' needs timm_name (e.g. mobilenetv3_small_050); list them with timm.list_models()")
-    if timm_name.startswith(TIMM_PREFIX) and timm_name[len(TIMM_PREFIX):] in BUILDERS:
-        return
-    if ":" in timm_name or not timm.is_model(timm_name):
-        pattern = timm_name.split(":")[-1].split(".")[0].split("_")[0] or timm_name
-        close = difflib.get_close_matches(timm_name, timm.list_models(), n=3)
+def zoo_model(name: str, num_classes: int, in_chans: int = 3, image_size: int = 32,
+              pretrained: str | None = None) -> TapModel:
+    """A zoo network by its zoo name (see :data:`ZOO`): timm's ``cifar_<name>``, for inputs of at
+    least 16x16 pixels; the other arguments as in :func:`timm_model`."""
+    check_zoo_name(name)
+    if isinstance(image_size, int) and not isinstance(image_size, bool) and 0 < image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(
+            f"zoo model '{name}' needs images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels (image_size >= "
+            f"{MIN_IMAGE_SIZE}), got {image_size}x{image_size}; use larger images or a timm model (student=timm student.name=...)"
+        )
+    _check_int("image_size", image_size, MIN_IMAGE_SIZE, f" for zoo model '{name}'")
+    return timm_model(TIMM_PREFIX + name, num_classes, in_chans, image_size, pretrained)
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 3, image_size: int = 32,
+                 pretrained: str | None = None) -> TapModel:
+    """For Python callers: a zoo network by its name, or any timm model as ``timm:<timm name>``
+    (the ``arch`` of a built model names it the same way); see :func:`timm_model`."""
+    timm_name = str(name).removeprefix("timm:")
+    if timm_name != name:
+        return timm_model(timm_name, num_classes, in_chans, image_size, pretrained)
+    return zoo_model(name, num_classes, in_chans, image_size, pretrained)
+
+
+def check_zoo_name(name: str) -> None:
+    """A zoo name (``cifar_<name>`` in timm's registry), else the ConfigError listing the zoo."""
+    if not isinstance(name, str) or not timm.is_model(TIMM_PREFIX + name):
+        close = difflib.get_close_matches(str(name), ZOO, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown model {name!r}{hint}; valid: {choices_text(ZOO)}, or any timm model "
+                          "as 'timm:<name>' (student=timm student.name=<name>)")
+
+
+def check_timm_name(name: str | None) -> None:
+    """A name :func:`timm_model` can build, else the ConfigError naming close names."""
+    if not name:
+        raise ConfigError("a timm model needs a name (e.g. mobilenetv3_small_050); list them with timm.list_models()")
+    name = str(name)
+    if ":" in name or not timm.is_model(name):
+        pattern = name.split(":")[-1].split(".")[0].split("_")[0] or name
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f" (close: {', '.join(close)})" if close else ""
         raise ConfigError(
-            f"unknown timm model {timm_name!r}{hint}; find names with timm.list_models('*{pattern}*')"
+            f"unknown timm model {name!r}{hint}; find names with timm.list_models('*{pattern}*')"
         )
 
 
-def _create_timm(timm_name: str | None, num_classes: int, in_chans: int, image_size: int) -> TapModel:
-    check_timm_name(timm_name)
-    if timm_name.startswith(TIMM_PREFIX) and timm_name[len(TIMM_PREFIX):] in BUILDERS:
-        # our own registration: return the zoo model itself (it supports preact taps)
-        return create_model(timm_name[len(TIMM_PREFIX):], num_classes, in_chans, image_size)
-    kwargs = {"num_classes": num_classes, "in_chans": in_chans}
-    cfg = timm.get_pretrained_cfg(timm_name)
-    if cfg is not None and getattr(cfg, "fixed_input_size", False):
-        kwargs["img_size"] = image_size
-    try:
-        model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - report timm's reason as a config problem
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(
-            f"timm model {timm_name!r} cannot be built with num_classes={num_classes}, in_chans={in_chans}, "
-            f"image_size={image_size}: {reason}"
-        ) from exc
-    return TimmTapModel(timm_name, model, num_classes, in_chans)
+timm_model.check_name = check_timm_name  # type: ignore[attr-defined]
+zoo_model.check_name = check_zoo_name  # type: ignore[attr-defined]
 
 
 def count_params(model: nn.Module) -> int:
@@ -114,41 +124,35 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of CPU's fused attention (torch counts the CUDA kernels only): ``q @ k^T`` and
+    ``attn @ v``, ``2 * b * heads * s_q * s_k * (d_qk + d_v)``."""
+    b, heads, s_q, d_qk = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * heads * s_q * s_k * (d_qk + d_v)
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, in_chans: int, image_size: int) -> int:
-    """Multiply-accumulates of all Conv2d and Linear layers for one image.
+    """Multiply-accumulates of one image's forward pass: ``FLOPs / 2`` as
+    :class:`torch.utils.flop_counter.FlopCounterMode` counts them.
 
-    Conv: ``output elements * (in_channels / groups) * kh * kw``; Linear: ``output
-    elements * in_features``.  Other layers (BN, pooling, attention matmuls) are not
-    counted.  Runs one eval-mode forward on a zero image and restores the mode.
+    That is every matrix product and convolution (Conv: ``output elements * (in_channels /
+    groups) * kh * kw``; Linear: ``output elements * in_features``; attention: ``q @ k^T`` and
+    ``attn @ v``); element-wise layers (BN, activations, pooling, softmax) are not counted.
+    Runs one eval-mode forward on a zero image and restores the mode.
     """
-    total = 0
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def conv_hook(module: nn.Conv2d, _inputs, output: torch.Tensor) -> None:
-        nonlocal total
-        kh, kw = module.kernel_size
-        per_image = output.numel() // output.shape[0]
-        total += per_image * (module.in_channels // module.groups) * kh * kw
-
-    def linear_hook(module: nn.Linear, _inputs, output: torch.Tensor) -> None:
-        nonlocal total
-        per_image = output.numel() // output.shape[0] if output.dim() > 1 else output.numel()
-        total += per_image * module.in_features
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
     was_training = model.training
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_attention: _cpu_attention_flops} if cpu_attention else None)
     model.eval()
     try:
-        model(torch.zeros(1, in_chans, image_size, image_size, device=device))
+        with counter:
+            model(torch.zeros(1, in_chans, image_size, image_size, device=device))
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return total
+    return counter.get_total_flops() // 2

@@ -1,9 +1,10 @@
-"""The zoo: name -> builder for every CIFAR network, and their timm registration.
+"""The zoo: every CIFAR network of kdrun, registered in timm's model registry as ``cifar_<name>``.
 
-Each zoo net is also registered in timm's model registry as ``cifar_<name>`` (for
-example ``timm.create_model("cifar_resnet20", num_classes=10)``); the prefix keeps
-``cifar_resnet50`` apart from timm's ImageNet ``resnet50``.  These entries have no
-pretrained weights and never download anything.
+timm's registry is the one place a zoo network is looked up (for example
+``timm.create_model("cifar_resnet20", num_classes=10)``); the prefix keeps ``cifar_resnet50``
+apart from timm's ImageNet ``resnet50``.  These entries have no pretrained weights and never
+download anything.  A network of a family module joins the zoo by being in that module's
+``*_builders()``; its config is one ``conf/model/<name>.yaml``.
 """
 
 from __future__ import annotations
@@ -23,30 +24,20 @@ from kdrun.models.wrn import wrn_builders
 
 TIMM_PREFIX = "cifar_"
 
-
-def _collect() -> dict[str, Builder]:
-    resnets = resnet_builders()
-    builders: dict[str, Builder] = {}
-    # display order: families from small to large, resnet50 (the largest) last
-    builders.update({k: v for k, v in resnets.items() if k != "resnet50"})
-    builders.update(wrn_builders())
-    builders.update(vgg_builders())
-    builders.update(mobilenetv2_builders())
-    builders.update(shufflenet_builders())
-    builders["resnet50"] = resnets["resnet50"]
-    return builders
-
-
-#: zoo name -> ``builder(num_classes, in_chans)``, in display order
-BUILDERS: dict[str, Builder] = _collect()
-
 # arguments timm.create_model passes to every entrypoint; irrelevant for the zoo
 _TIMM_PLUMBING = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _timm_entrypoint(name: str) -> Callable[..., ZooModel]:
+def _families() -> dict[str, Builder]:
+    """Every family's builders in display order: small to large, resnet50 (the largest) last."""
+    resnets = resnet_builders()
+    resnet50 = {"resnet50": resnets.pop("resnet50")}
+    return {**resnets, **wrn_builders(), **vgg_builders(), **mobilenetv2_builders(), **shufflenet_builders(),
+            **resnet50}
+
+
+def _timm_entrypoint(name: str, builder: Builder) -> Callable[..., ZooModel]:
     """A timm entrypoint ``cifar_<name>(pretrained=False, num_classes=100, in_chans=3)``."""
-    builder = BUILDERS[name]
 
     def entrypoint(pretrained: bool = False, num_classes: int = 100, in_chans: int = 3, **kwargs) -> ZooModel:
         for key in _TIMM_PLUMBING:
@@ -66,10 +57,13 @@ def _timm_entrypoint(name: str) -> Callable[..., ZooModel]:
     return entrypoint
 
 
-def _register_all() -> None:
-    for name in BUILDERS:
+def register_zoo(builders: dict[str, Builder]) -> list[str]:
+    """Register each ``name -> builder(num_classes, in_chans)`` in timm as ``cifar_<name>``; the names."""
+    for name, builder in builders.items():
         if not timm.is_model(TIMM_PREFIX + name):
-            register_model(_timm_entrypoint(name))
+            register_model(_timm_entrypoint(name, builder))
+    return list(builders)
 
 
-_register_all()
+#: zoo model names in display order (CIFAR networks of the CRD benchmark)
+ZOO: list[str] = register_zoo(_families())

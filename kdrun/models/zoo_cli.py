@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(name, f"{params / 1e6:.2f}M", f"{macs / 1e6:.1f}M")
     console = Console()
     console.print(f"kdrun zoo: {args.in_chans}x{args.image_size}x{args.image_size} input, "
-                  f"{args.num_classes} classes (MACs: Conv2d + Linear, per image)")
+                  f"{args.num_classes} classes (MACs: convolutions and matrix products, per image)")
     console.print(table)
     return 0
 

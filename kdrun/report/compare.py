@@ -291,64 +291,76 @@ def _require_matplotlib() -> None:
 def plot(c: Comparison, path: str | Path) -> Path:
     """compare.png: a heatmap for a pivot, lines (metric vs the first key) otherwise."""
     _require_matplotlib()
-    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     path = Path(path)
     if c.pivot:
-        rk, ck = c.keys
-        rows, cols, cells = _pivot_grid(c)
-        means = np.full((len(rows), len(cols)), np.nan)
-        for (r, col), cell in cells.items():
-            means[rows.index(r), cols.index(col)] = cell["mean"]
+        rows, cols, _ = _pivot_grid(c)
         fig = Figure(figsize=(max(4.5, 1.4 * len(cols) + 2.5), max(3.2, 0.8 * len(rows) + 1.8)))
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        im = ax.imshow(np.ma.masked_invalid(means), cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(cols)), labels=cols)
-        ax.set_yticks(range(len(rows)), labels=rows)
-        ax.set_xlabel(ck)
-        ax.set_ylabel(rk)
-        for (r, col), cell in cells.items():
-            i, j = rows.index(r), cols.index(col)
-            text = fmt_num(cell["mean"]) + (f"\n± {fmt_num(cell['std'])}" if int(cell["n"]) > 1 else "")
-            text += f"\nn={int(cell['n'])}"
-            dark = im.norm(cell["mean"]) < 0.5 if np.isfinite(im.norm(cell["mean"])) else True
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
-        fig.colorbar(im, ax=ax, label=c.metric)
+        _heatmap(c, fig)
     else:
         fig = Figure(figsize=(6.4, 4.2))
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        t = c.table
-        if not c.keys:
-            ax.errorbar([0], t["mean"], yerr=t["std"].fillna(0), marker="o", capsize=3)
-            ax.set_xticks([0], labels=["all rows"])
-        else:
-            xk, line_keys = c.keys[0], c.keys[1:]
-            numeric_x = _is_numeric(t[xk])
-            categories = list(dict.fromkeys(fmt_key(v) for v in _sort(t, [xk])[xk]))
-            groups = t.groupby(line_keys, dropna=False, sort=False) if line_keys else [((), t)]
-            for combo, sub in groups:
-                sub = _sort(sub, [xk])
-                xs = sub[xk].astype(float) if numeric_x else [categories.index(fmt_key(v)) for v in sub[xk]]
-                combo = combo if isinstance(combo, tuple) else (combo,)
-                label = ", ".join(f"{k}={fmt_key(v)}" for k, v in zip(line_keys, combo)) or None
-                ax.errorbar(xs, sub["mean"], yerr=sub["std"].fillna(0), marker="o", capsize=3, label=label)
-            if not numeric_x:
-                ax.set_xticks(range(len(categories)), labels=categories)
-            ax.set_xlabel(xk)
-            if line_keys:
-                ax.legend(fontsize=8)
-        ax.set_ylabel(c.metric)
-        ax.grid(alpha=0.3)
-    ax.set_title(f"{c.metric}, mean ± std over seeds")
+        _lines(c, fig)
+    fig.axes[0].set_title(f"{c.metric}, mean ± std over seeds")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     atomic_write(path, lambda f: f.write(buf.getvalue()), mode="wb")
     return path
+
+
+def _heatmap(c: Comparison, fig) -> None:
+    """One annotated cell per (row key, column key) of a pivot, coloured by the mean."""
+    import numpy as np
+
+    rk, ck = c.keys
+    rows, cols, cells = _pivot_grid(c)
+    means = np.full((len(rows), len(cols)), np.nan)
+    for (r, col), cell in cells.items():
+        means[rows.index(r), cols.index(col)] = cell["mean"]
+    ax = fig.add_subplot()
+    im = ax.imshow(np.ma.masked_invalid(means), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), labels=cols)
+    ax.set_yticks(range(len(rows)), labels=rows)
+    ax.set_xlabel(ck)
+    ax.set_ylabel(rk)
+    for (r, col), cell in cells.items():
+        i, j = rows.index(r), cols.index(col)
+        text = fmt_num(cell["mean"]) + (f"\n± {fmt_num(cell['std'])}" if int(cell["n"]) > 1 else "")
+        text += f"\nn={int(cell['n'])}"
+        dark = im.norm(cell["mean"]) < 0.5 if np.isfinite(im.norm(cell["mean"])) else True
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    fig.colorbar(im, ax=ax, label=c.metric)
+
+
+def _lines(c: Comparison, fig) -> None:
+    """The metric against the first key, one line per combination of the other keys, std as error bars."""
+    ax = fig.add_subplot()
+    t = c.table
+    if not c.keys:
+        ax.errorbar([0], t["mean"], yerr=t["std"].fillna(0), marker="o", capsize=3)
+        ax.set_xticks([0], labels=["all rows"])
+    else:
+        xk, line_keys = c.keys[0], c.keys[1:]
+        numeric_x = _is_numeric(t[xk])
+        categories = list(dict.fromkeys(fmt_key(v) for v in _sort(t, [xk])[xk]))
+        groups = t.groupby(line_keys, dropna=False, sort=False) if line_keys else [((), t)]
+        for combo, sub in groups:
+            sub = _sort(sub, [xk])
+            xs = sub[xk].astype(float) if numeric_x else [categories.index(fmt_key(v)) for v in sub[xk]]
+            combo = combo if isinstance(combo, tuple) else (combo,)
+            label = ", ".join(f"{k}={fmt_key(v)}" for k, v in zip(line_keys, combo)) or None
+            ax.errorbar(xs, sub["mean"], yerr=sub["std"].fillna(0), marker="o", capsize=3, label=label)
+        if not numeric_x:
+            ax.set_xticks(range(len(categories)), labels=categories)
+        ax.set_xlabel(xk)
+        if line_keys:
+            ax.legend(fontsize=8)
+    ax.set_ylabel(c.metric)
+    ax.grid(alpha=0.3)
 
 
 # ---------------------------------------------------------------------------- command

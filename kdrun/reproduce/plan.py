@@ -171,7 +171,8 @@ def describe_recipe(pair: str, common: list[str]) -> Recipe:
     exp = f"experiment={experiment_name(pair)}"
     full = _compose([exp, "loss=ab+ft+fsp+dkd"])
     cfg = _compose([exp, *common])
-    milestones = [int(m) for m in cfg.sched.milestones] if str(cfg.sched.name) == "multistep" else None
+    milestones = cfg.sched.get("milestones")  # a schedule with milestones has them scaled with the epochs
+    milestones = [int(m) for m in milestones] if milestones is not None else None
     return Recipe(
         full_epochs=int(full.trainer.epochs), epochs=int(cfg.trainer.epochs), milestones=milestones,
         init_epochs={t: int(full.loss[t].init_epochs) for t in ("ab", "ft", "fsp")},

@@ -8,6 +8,12 @@ from kdrun.schemes.stages import SupervisedStage
 
 class Baseline(Scheme):
     name = "baseline"
+    has_teacher = False
+    uses_knowledge = False
+
+    @classmethod
+    def models_label(cls, cfg) -> str:
+        return str(cfg.student.name)
 
     def run(self, ctx) -> dict:
         student = ctx.build_model(ctx.cfg.student)

@@ -16,6 +16,13 @@ from kdrun.schemes.stages import EnsembleEval
 
 class BornAgain(Scheme):
     name = "born_again"
+    has_teacher = False
+    report_rows = (("gen0_top1", "generation 0 (labels)", "student"), ("gen{k}_top1", "generation {k}", "student"),
+                   ("ensemble_top1", "generations' ensemble", None))
+
+    @classmethod
+    def models_label(cls, cfg) -> str:
+        return str(cfg.student.name)
 
     def __init__(self, name: str | None = None, generations: int = 2) -> None:
         super().__init__(name)

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdrun.config import build_knowledge
 from kdrun.errors import ConfigError
-from kdrun.knowledge import KnowledgeSet, Step, build_knowledge
+from kdrun.knowledge import KnowledgeSet, Step
 from kdrun.schemes.base import Scheme
-from kdrun.schemes.multi_teacher import is_logit_term
 from kdrun.schemes.stages import SupervisedStage, log_mean_softmax
 
 
@@ -109,6 +109,12 @@ class ByotStage(SupervisedStage):
 
 class Byot(Scheme):
     name = "byot"
+    has_teacher = False
+    report_rows = (("exit{k}_top1_best", "exit {k}", "student"), ("ensemble_top1_best", "exits' ensemble", None))
+
+    @classmethod
+    def models_label(cls, cfg) -> str:
+        return str(cfg.student.name)
 
     def __init__(self, name: str | None = None, feature_weight: float = 0.03) -> None:
         super().__init__(name)
@@ -118,7 +124,7 @@ class Byot(Scheme):
 
     def validate(self, cfg) -> None:
         for term in build_knowledge(cfg.loss).terms.values():
-            if not is_logit_term(term):
+            if not term.reads_logits_only():
                 raise ConfigError(f"scheme=byot passes knowledge between exits' logits; loss term '{term.name}' "
                                   "reads features (use logit terms such as kd, dkd, dist, logit_mse)")
 

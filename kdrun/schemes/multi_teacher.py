@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdrun.config import model_node, split_models
+from kdrun.config import build_knowledge, model_node, split_models
 from kdrun.errors import ConfigError
-from kdrun.knowledge import KnowledgeSet, Step, build_knowledge
+from kdrun.knowledge import KnowledgeSet, Step
 from kdrun.schemes.base import Scheme
 from kdrun.schemes.stages import EnsembleEval, SupervisedStage, freeze, tapped_forward
 
@@ -41,9 +41,6 @@ def confidence_weights(teacher_logits: list[torch.Tensor], targets: torch.Tensor
     ce = torch.stack([F.cross_entropy(z.float(), targets, reduction="none") for z in teacher_logits], dim=1)
     return (1.0 - F.softmax(ce, dim=1)) / (k - 1)
 
-
-def is_logit_term(term) -> bool:
-    return term.student_taps() <= {"logits"} and term.teacher_taps() <= {"logits"}
 
 
 class MultiTeacherStage(SupervisedStage):
@@ -98,6 +95,8 @@ class MultiTeacherStage(SupervisedStage):
 
 class MultiTeacher(Scheme):
     name = "multi_teacher"
+    report_rows = (("teacher{k}_top1", "teacher {k}", "teacher{k}"),
+                   ("teacher_ensemble_top1", "teachers' ensemble", None))
 
     def __init__(self, name: str | None = None, aggregation: str = "mean", weights=None) -> None:
         super().__init__(name)
@@ -155,13 +154,13 @@ class MultiTeacher(Scheme):
 
         student = ctx.build_model(cfg.student)
         s_shapes = ctx.shapes(student)
-        logit_terms = {n: t for n, t in build_knowledge(cfg.loss).terms.items() if is_logit_term(t)}
+        logit_terms = {n: t for n, t in build_knowledge(cfg.loss).terms.items() if t.reads_logits_only()}
         logit_set = KnowledgeSet(logit_terms, cfg.get("ce_weight", "auto"))
         logit_set.setup(s_shapes, {"logits": s_shapes["logits"]}, ctx.data.info)
         ctx.place(logit_set)
         feature_sets = []
         for teacher in teachers:
-            terms = {n: t for n, t in build_knowledge(cfg.loss).terms.items() if not is_logit_term(t)}
+            terms = {n: t for n, t in build_knowledge(cfg.loss).terms.items() if not t.reads_logits_only()}
             fset = KnowledgeSet(terms, ce_weight=0)
             fset.setup(s_shapes, ctx.shapes(teacher), ctx.data.info)
             feature_sets.append(ctx.place(fset))

@@ -16,7 +16,12 @@ from kdrun.config import model_node, split_models
 from kdrun.errors import ConfigError
 from kdrun.knowledge import KnowledgeSet, Step
 from kdrun.schemes.base import Scheme
-from kdrun.schemes.stages import SupervisedStage, detached, log_mean_softmax, tapped_forward
+from kdrun.schemes.stages import (
+    SupervisedStage,
+    detached,
+    log_mean_softmax,
+    tapped_forward,
+)
 
 
 class PeerGroup(nn.Module):
@@ -72,6 +77,13 @@ class MutualStage(SupervisedStage):
 
 class Mutual(Scheme):
     name = "mutual"
+    has_teacher = False
+    model_list_keys = ("peers",)
+    report_rows = (("peer{k}_top1_best", "peer {k}", "peer{k}"), ("peers_ensemble_top1_best", "peers' ensemble", None))
+
+    @classmethod
+    def models_label(cls, cfg) -> str:
+        return "+".join(cls.model_list(cfg, "peers")) or "peers"
 
     def validate(self, cfg) -> None:
         if len(split_models(cfg.get("peers"))) < 2:

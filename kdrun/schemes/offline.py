@@ -13,6 +13,7 @@ log = logging.getLogger("kdrun")
 
 class Offline(Scheme):
     name = "offline"
+    report_rows = (("teacher_top1", "teacher", "teacher"),)
 
     def validate(self, cfg) -> None:
         if "+" in str(cfg.teacher.name):

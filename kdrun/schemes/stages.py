@@ -32,10 +32,20 @@ def tapped_forward(model: nn.Module, x: torch.Tensor, taps: set[str]) -> dict:
 
 
 class SupervisedStage:
-    """Train ``model`` from labels alone (cross-entropy)."""
+    """Train ``model`` from labels alone (cross-entropy); the base of every stage (the trainer's
+    :class:`~kdrun.engine.trainer.Stage` protocol, with the defaults of its optional parts)."""
+
+    eval_each_epoch = True
+    primary: str | None = None
 
     def __init__(self, model: nn.Module, name: str = "student") -> None:
         self.model, self.name = model, name
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called after each epoch's last step (a teacher cache writes its epoch here)."""
 
     def parameters_to_train(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

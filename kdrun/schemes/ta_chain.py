@@ -17,6 +17,12 @@ log = logging.getLogger("kdrun")
 
 class TAChain(Scheme):
     name = "ta_chain"
+    model_list_keys = ("ta",)
+    report_rows = (("teacher_top1", "teacher", "teacher"), ("ta{k}_top1", "assistant {k}", "ta{k}"))
+
+    @classmethod
+    def models_label(cls, cfg) -> str:
+        return "-".join([str(cfg.teacher.name), *cls.model_list(cfg, "ta"), str(cfg.student.name)])
 
     def validate(self, cfg) -> None:
         if not split_models(cfg.get("ta")):
