@@ -185,7 +185,7 @@ def test_full_recipe_commands_keep_the_recipe(capsys, tmp_path):
 
 
 def test_init_and_schedule_lengths_scale_with_the_epochs():
-    r = Recipe(full_epochs=240, epochs=1, milestones=[150, 180, 210], init_epochs={"ab": 30}, dkd_warmup=20)
+    r = Recipe(full_epochs=240, epochs=1, milestones=[150, 180, 210], term_epochs={"ab": {"init_epochs": (30, 1)}})
     assert r.scaled and r.scale(30, 1) == 1 and r.scale(20, 0) == 0 and r.scale(150, 1) == 1
     r.epochs = 60
     assert [r.scale(m, 1) for m in (150, 180, 210)] == [38, 45, 53] and r.scale(30, 1) == 8

@@ -225,7 +225,7 @@ def check_overrides(overrides: Iterable[str]) -> None:
         key, value = ov.split("=", 1)
         key = key.lstrip("+~")
         if key in list_keys and "${" not in value and value.strip() not in ("null", ""):
-            valid = [o for o in group_options("teacher") if o != "timm" and "+" not in o]
+            valid = [o for o in group_options(MODEL_GROUP) if "+" not in o]  # the model configs
             for part in _split_sweep(value.replace("+", ",")):
                 if part not in valid:
                     raise ConfigError(f"unknown model '{part}' in {key}={value}{did_you_mean(part, valid)}; "

@@ -45,6 +45,9 @@ class KnowledgeTerm(nn.Module):
     init_epochs: int = 0
     #: learning rate of the initialisation stage; None: the student's
     init_lr: float | None = None
+    #: hyper-parameters counted in epochs (warm-ups, init stages): key -> the smallest value it may
+    #: take when a recipe is scaled to a shorter schedule (scripts/reproduce.py --epochs)
+    epoch_keys: dict[str, int] = {}
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()

@@ -141,6 +141,7 @@ class DKD(KnowledgeTerm):
     """
 
     name = "dkd"
+    epoch_keys = {"warmup": 0}
 
     def __init__(
         self, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: float = 20

@@ -30,14 +30,13 @@ class Method:
     name: str               # CLI, CSV and report name
     label: str              # row label of the tables
     loss: str | None = None  # kdrun loss choice; None: not a distillation run (teacher, vanilla)
-    init_term: str | None = None  # the loss term with an init stage (loss.<term>.init_epochs)
-    extras: tuple[str, ...] = ()  # the published recipe's own overrides (loss weights)
+    extras: tuple[str, ...] = ()  # the published recipe's own overrides (loss weights, the scheme)
 
 
 #: row order of the report: the RepDistiller README's, then CRD+KD (CRD paper) and DKD (mdistiller)
 METHODS = (
     Method("teacher", "Teacher"),
-    Method("vanilla", "Vanilla student"),
+    Method("vanilla", "Vanilla student", extras=("scheme=baseline",)),
     Method("kd", "KD", "kd"),
     Method("fitnet", "FitNet", "fitnet"),
     Method("at", "AT", "at"),
@@ -46,9 +45,9 @@ METHODS = (
     Method("vid", "VID", "vid"),
     Method("rkd", "RKD", "rkd"),
     Method("pkt", "PKT", "pkt"),
-    Method("ab", "AB", "ab", init_term="ab"),
-    Method("ft", "FT", "ft", init_term="ft"),
-    Method("fsp", "FSP", "fsp", init_term="fsp"),
+    Method("ab", "AB", "ab"),
+    Method("ft", "FT", "ft"),
+    Method("fsp", "FSP", "fsp"),
     Method("nst", "NST", "nst"),
     Method("crd", "CRD", "crd"),
     Method("crd+kd", "CRD+KD", "crd+kd", extras=("ce_weight=1", "loss.kd.weight=1")),  # RepDistiller -r 1 -a 1 -b 0.8

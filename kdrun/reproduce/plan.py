@@ -133,8 +133,8 @@ class Recipe:
     full_epochs: int
     epochs: int
     milestones: list[int] | None  # multistep milestones of the composed config; None: another schedule
-    init_epochs: dict[str, int]   # term -> init epochs of the full recipe (ab, ft, fsp)
-    dkd_warmup: float
+    #: term -> {key: (the full recipe's value, the smallest scaled value)} of its epoch_keys
+    term_epochs: dict[str, dict[str, tuple[float, int]]]
 
     @property
     def scaled(self) -> bool:
@@ -169,15 +169,17 @@ def describe_pairs(pairs: list[str], common: list[str]) -> dict[str, PairInfo]:
 def describe_recipe(pair: str, common: list[str]) -> Recipe:
     """The full recipe's epochs, milestones, init and warm-up lengths; the epochs of this invocation."""
     exp = f"experiment={experiment_name(pair)}"
-    full = _compose([exp, "loss=ab+ft+fsp+dkd"])
+    from kdrun.config import component_class
+
+    terms = sorted({t for m in BY_LOSS for t in m.split("+")})
+    full = _compose([exp, f"loss={'+'.join(terms)}"])
     cfg = _compose([exp, *common])
     milestones = cfg.sched.get("milestones")  # a schedule with milestones has them scaled with the epochs
     milestones = [int(m) for m in milestones] if milestones is not None else None
-    return Recipe(
-        full_epochs=int(full.trainer.epochs), epochs=int(cfg.trainer.epochs), milestones=milestones,
-        init_epochs={t: int(full.loss[t].init_epochs) for t in ("ab", "ft", "fsp")},
-        dkd_warmup=float(full.loss.dkd.warmup),
-    )
+    term_epochs = {t: {k: (float(full.loss[t][k]), low) for k, low in component_class(full.loss[t]).epoch_keys.items()}
+                   for t in terms}
+    return Recipe(full_epochs=int(full.trainer.epochs), epochs=int(cfg.trainer.epochs), milestones=milestones,
+                  term_epochs=term_epochs)
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -236,10 +238,10 @@ def _vanilla_key(student: str, overrides: list[str] | frozenset[str]) -> tuple:
 def method_extras(method: str, info: PairInfo, recipe: Recipe, options: Options) -> list[str]:
     m = BY_NAME[method]
     extras: list[str] = list(m.extras)
-    if method == "dkd" and recipe.scaled:  # the pair's beta comes with the experiment (conf/recipe/dkd/)
-        extras.append(f"loss.dkd.warmup={recipe.scale(recipe.dkd_warmup, 0)}")
-    if m.init_term and recipe.scaled:
-        extras.append(f"loss.{m.init_term}.init_epochs={recipe.scale(recipe.init_epochs[m.init_term], 1)}")
+    if m.loss and recipe.scaled:  # warm-ups and init stages shrink with the schedule (the terms' epoch_keys)
+        for term in m.loss.split("+"):
+            for key, (value, low) in recipe.term_epochs.get(term, {}).items():
+                extras.append(f"loss.{term}.{key}={recipe.scale(value, low)}")
     return merge(extras, options.method_overrides.get(method, []))
 
 
@@ -288,7 +290,7 @@ def build(options: Options) -> Plan:
                 cell = Cell(pair, method, seed)
                 if method == "vanilla":
                     exp = experiment_name(vanilla_rep[info.student])
-                    ovs = [f"experiment={exp}", "scheme=baseline", f"seed={seed}", *common,
+                    ovs = [f"experiment={exp}", *BY_NAME["vanilla"].extras, f"seed={seed}", *common,
                            *merge([], options.method_overrides.get("vanilla", []))]
                     jobs[cell] = Planned(cell, ovs, _vanilla_key(info.student, ovs))
                 else:
@@ -357,7 +359,7 @@ def read_job_dirs(root: Path) -> list[JobDir]:
 
 def job_key(job: JobDir, student_of_pair: dict[str, str]) -> tuple | None:
     """The key a planned job would have if this dir were its run (None: not a dir of this runner)."""
-    if job.value("scheme") == "baseline":
+    if set(BY_NAME["vanilla"].extras) <= set(job.overrides):
         student = (job.summary or {}).get("student")
         if student is None:
             exp = job.value("experiment") or ""
@@ -434,7 +436,7 @@ def sweeps(plan: Plan, matched: dict[Cell, list[JobDir]]) -> list[Sweep]:
         by_seeds.setdefault(tuple(sorted(seeds)), []).append(rep)
     extras = merge([], opts.method_overrides.get("vanilla", []))
     for seeds, reps in by_seeds.items():
-        args = ["scheme=baseline", f"experiment={','.join(experiment_name(r) for r in reps)}",
+        args = [*BY_NAME["vanilla"].extras, f"experiment={','.join(experiment_name(r) for r in reps)}",
                 f"seed={','.join(map(str, seeds))}", *plan.common, *extras, *plan.hydra_args]
         students = ", ".join(plan.pairs[r].student for r in reps)
         cells = [c for (rep, seed), cs in needed.items() if rep in reps and seed in seeds for c in cs]

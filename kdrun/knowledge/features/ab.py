@@ -49,6 +49,7 @@ class AB(StagePairsTerm):
     """
 
     name = "ab"
+    epoch_keys = {"init_epochs": 1}
     student_preact = True
     teacher_preact = True
     scale = 3e-3

@@ -47,6 +47,7 @@ class FSP(KnowledgeTerm):
     """
 
     name = "fsp"
+    epoch_keys = {"init_epochs": 1}
 
     def __init__(self, weight: float = 0.0, init_epochs: int = 30) -> None:
         super().__init__(weight)

@@ -67,6 +67,7 @@ class FT(KnowledgeTerm):
     """
 
     name = "ft"
+    epoch_keys = {"init_epochs": 1}
 
     def __init__(self, weight: float = 200.0, rate: float = 0.5, p: int = 1, factor: str = "mean",
                  init_epochs: int = 30, init_lr: float | None = 0.01, paraphraser_bn: bool = False,

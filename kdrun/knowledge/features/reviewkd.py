@@ -55,6 +55,7 @@ class ReviewKD(StagePairsTerm):
     """
 
     name = "reviewkd"
+    epoch_keys = {"warmup_epochs": 0}
 
     def __init__(self, weight: float = 1.0, warmup_epochs: float = 20.0, teacher_preact: bool = True,
                  max_mid_channels: int = 512) -> None:
