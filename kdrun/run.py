@@ -7,7 +7,6 @@ Tests call :func:`run` directly; the CLI calls it from the Hydra entrypoint.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import platform
@@ -26,24 +25,17 @@ from kdrun.config import (
     build_knowledge,
     component_class,
     instantiate,
-    instantiate_model,
     loss_name,
     parse_overrides,
-    to_plain,
 )
 from kdrun.config.checks import validate
 from kdrun.data import build_data
 from kdrun.engine import distributed as dist
-from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
 from kdrun.engine.device import amp_name, resolve_amp, resolve_device
 from kdrun.engine.io import clean_temp_files, write_json, write_text
-from kdrun.engine.metrics import MetricsWriter
-from kdrun.engine.progress import progress_enabled
-from kdrun.engine.store import MODEL_FILE, ModelStore
-from kdrun.engine.trainer import FitResult, Trainer
-from kdrun.errors import CheckpointError, ConfigError, DivergedError, KdrunError
+from kdrun.errors import ConfigError, KdrunError
 from kdrun.knowledge import KnowledgeSet
-from kdrun.models import count_macs, count_params, tap_shapes
+from kdrun.runtime import RunContext
 
 log = logging.getLogger("kdrun")
 
@@ -111,269 +103,6 @@ def _model_label(node) -> str | None:
     if node is None:
         return None
     return str(node.name)
-
-
-# ---------------------------------------------------------------------------- run context
-class RunContext:
-    """What a scheme can use: config, data, device, trainer, store, and model helpers."""
-
-    def __init__(self, cfg: DictConfig, run_dir: Path, data, device, amp_dtype, knowledge: KnowledgeSet,
-                 world: dist.World = dist.SINGLE, dry: bool = False):
-        """``dry``: the preflight: models are built (checkpoints loaded and checked) but never trained
-        nor stored, every stage takes one step on two images, nothing is written."""
-        self.cfg = cfg
-        self.world = world
-        self.run_dir = run_dir
-        self.data = data
-        self.device = device
-        self.amp_dtype = amp_dtype
-        self.dry = dry
-        self.knowledge = knowledge  # built at start-up (its checks ran there); schemes build fresh copies
-        self.trainer = Trainer(cfg, data, device, amp_dtype, progress=progress_enabled(cfg.trainer.progress),
-                               world=world, dry=dry)
-        self.metrics = MetricsWriter(None if dry else run_dir / "metrics.csv")
-        if not bool(cfg.trainer.resume):
-            self.metrics.rows = []
-        self.store = ModelStore(cfg.paths.store)
-        self.sources: dict[str, str] = {}  # role -> checkpoint the model came from
-        self.stored: dict[str, dict] = {}  # role -> store payload (accuracies) of store-trained models
-        self.keys: dict[str, str] = {}  # role -> identity of its weights (recipe hash or file digest)
-
-    # -- models
-    def build_model(self, node: DictConfig, seed: int | None = None):
-        """A freshly initialised model (seeded with ``seed``, default cfg.seed) on the run's device."""
-        info = self.data.info
-        torch.manual_seed(int(self.cfg.seed) if seed is None else int(seed))
-        try:
-            model = instantiate_model(node, num_classes=info.num_classes, in_chans=info.in_chans,
-                                      image_size=info.image_size)
-        except CheckpointError as exc:  # a pretrained file that cannot be read or does not fit
-            raise CheckpointError(f"{node._key() or 'model'}.pretrained={node.get('pretrained')}: {exc}") from None
-        if self.world.active and bool(self.cfg.trainer.get("sync_bn", False)):
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = self.place(model)
-        if bool(self.cfg.trainer.get("compile", False)) and not self.dry:
-            # compile the forwards as instance attributes: the module stays a plain nn.Module, so
-            # its checkpoints, taps and state-dict keys are unchanged
-            model.forward_taps = torch.compile(model.forward_taps, dynamic=False)
-            model.forward = torch.compile(model.forward, dynamic=False)
-        return model
-
-    def place(self, module: torch.nn.Module) -> torch.nn.Module:
-        module = module.to(self.device)
-        if bool(self.cfg.trainer.channels_last):
-            module = module.to(memory_format=torch.channels_last)
-        return module
-
-    def lr_for(self, node: DictConfig) -> float:
-        return float(node.lr) if node.get("lr") is not None else float(self.cfg.optim.lr)
-
-    def epochs_for(self, node: DictConfig) -> int:
-        return int(node.epochs) if node.get("epochs") is not None else int(self.cfg.trainer.epochs)
-
-    def model_stats(self, model, prefix: str) -> dict:
-        info = self.data.info
-        return {
-            f"{prefix}_params": count_params(model),
-            f"{prefix}_macs": count_macs(model, info.in_chans, info.image_size),
-        }
-
-    def evaluate_summary(self, model, prefix: str) -> dict:
-        ev = self.trainer.evaluate(model)
-        log.info("%s %s: test top-1 %.2f%%", prefix, getattr(model, "arch", ""), ev["test_top1"])
-        return {f"{prefix}_top1": ev["test_top1"], f"{prefix}_top5": ev["test_top5"]}
-
-    # -- training
-    def fit(self, stage, node: DictConfig, *, label: str | None = None) -> FitResult:
-        """Train a stage of this run (its checkpoints in run_dir/checkpoints, rows in metrics.csv)."""
-        return self.trainer.fit(
-            stage,
-            epochs=int(self.cfg.trainer.epochs),
-            lr=self.lr_for(node),
-            ckpt_dir=None if self.dry else self.run_dir / "checkpoints",
-            metrics=[self.metrics],
-            resume=bool(self.cfg.trainer.resume),
-            label=label,
-        )
-
-    def shapes(self, model) -> dict:
-        """Every tap's shape (preact taps too where the model has them), from a dry run."""
-        info = self.data.info
-        return tap_shapes(model, info.in_chans, info.image_size, preact=bool(getattr(model, "supports_preact", False)))
-
-    def new_knowledge(self, student, teacher) -> KnowledgeSet:
-        """A fresh knowledge set from cfg.loss (own adapters) set up for this student/teacher edge."""
-        knowledge = build_knowledge(self.cfg.loss, self.cfg.get("ce_weight", "auto"))
-        self.setup_knowledge(knowledge, student, teacher)
-        return knowledge
-
-    def setup_knowledge(self, knowledge: KnowledgeSet, student, teacher) -> None:
-        """Build the terms' adapters from the probed shapes and move them to the device."""
-        knowledge.setup(self.shapes(student), self.shapes(teacher), self.data.info)
-        self.place(knowledge)
-
-    def teacher_cache(self, node: DictConfig, role: str, taps: set[str]):
-        """The teacher-output cache of ``role`` when ``node.cache`` is set (else None)."""
-        from kdrun.engine.cache import TeacherCache, cache_dtype
-
-        if not node.get("cache") or self.dry:
-            return None
-        dtype = cache_dtype(str(node.get("cache_dtype") or "auto"), self.amp_dtype)
-        topk = node.get("cache_topk")
-        key = {
-            "teacher": self.keys[role], "dataset": self.recipe(node)["dataset"], "seed": int(self.cfg.seed),
-            "batch_size": int(self.cfg.trainer.batch_size), "taps": sorted(taps), "amp": amp_name(self.amp_dtype),
-            "dtype": str(dtype), "topk": topk, "version": 1,
-        }
-        cache = TeacherCache(self.cfg.paths.cache, key, self.device, dtype, topk=topk,
-                             num_classes=self.data.info.num_classes)
-        log.info("teacher cache: %s", cache.size_note())
-        return cache
-
-    def distill(self, student, teacher, node: DictConfig, *, name: str = "student", epochs: int | None = None,
-                ckpt_dir: Path | None = None, metrics=None, resume: bool | None = None,
-                label: str | None = None, cache=None) -> FitResult:
-        """Train ``student`` from the frozen ``teacher`` with cfg.loss: init stages, then the main stage.
-
-        Defaults: this run's checkpoints, metrics, epochs and resume flag. Init stages are skipped
-        when resuming a stage that has already started (its checkpoint holds the initialised weights).
-        """
-        from kdrun.schemes.stages import DistillStage, InitStage
-
-        ckpt_dir = self.run_dir / "checkpoints" if ckpt_dir is None and not self.dry else ckpt_dir
-        metrics = [self.metrics] if metrics is None else metrics
-        resume = bool(self.cfg.trainer.resume) if resume is None else resume
-        resume = resume and ckpt_dir is not None
-        epochs = int(self.cfg.trainer.epochs) if epochs is None else epochs
-        knowledge = self.new_knowledge(student, teacher)
-        if not (resume and (ckpt_dir / "last.pt").is_file()):  # a resumed main stage was initialised
-            for term in knowledge.terms.values():
-                if term.init_epochs > 0:
-                    log.info("init stage of %s: %d epochs", term.name, term.init_epochs)
-                    self.trainer.fit(
-                        InitStage(student, teacher, term, owner=name), epochs=int(term.init_epochs),
-                        lr=float(term.init_lr) if term.init_lr is not None else self.lr_for(node),
-                        ckpt_dir=None, metrics=metrics, label=f"{label or name}: init {term.name}",
-                    )
-        cache = cache(knowledge.teacher_taps() | {"logits"}) if callable(cache) else cache
-        fit = self.trainer.fit(
-            DistillStage(student, teacher, knowledge, name, cache=cache), epochs=epochs, lr=self.lr_for(node),
-            ckpt_dir=ckpt_dir, metrics=metrics, resume=resume, label=label or name,
-        )
-        if cache is not None:
-            log.info("teacher cache: %d batches read, %d computed (%s)", cache.hits, cache.misses, cache.size_note())
-        return fit
-
-    def recipe(self, node: DictConfig) -> dict:
-        """Everything that determines a baseline-trained model (the store's key)."""
-        cfg = self.cfg
-        dataset = to_plain(cfg.dataset)
-        dataset.pop("download", None)
-        for key in ("root", "path"):
-            if dataset.get(key):
-                dataset[key] = str(Path(str(dataset[key])).expanduser().resolve())
-        return {
-            "kind": "baseline",
-            "model": str(node.name),
-            "source": str(node.get("_target_")),
-            "pretrained": node.get("pretrained"),
-            "dataset": dataset,
-            "seed": int(cfg.seed),
-            "epochs": self.epochs_for(node),
-            "batch_size": int(cfg.trainer.batch_size),
-            "lr": self.lr_for(node),
-            "optim": {k: v for k, v in to_plain(cfg.optim).items() if k != "lr"},
-            "sched": to_plain(cfg.sched),
-            "limit_train_batches": cfg.trainer.limit_train_batches,
-        }
-
-    def obtain_model(self, node: DictConfig, role: str, teacher=None, teacher_role: str | None = None,
-                     init_seed: int | None = None):
-        """A trained model for ``role``: from ``node.checkpoint``, or the store (training it first).
-
-        Without ``teacher`` the store trains it from labels (scheme=baseline); with one (a frozen
-        model obtained earlier under ``teacher_role``) it distils it with cfg.loss, as teacher
-        assistants and born-again generations are. The recipe hash covers the teacher's identity.
-        """
-        from kdrun.schemes.stages import SupervisedStage
-
-        seed = int(self.cfg.seed) if init_seed is None else int(init_seed)
-        model = self.build_model(node, seed)
-        ckpt = node.get("checkpoint")
-        if ckpt:
-            try:
-                payload = read_checkpoint(ckpt)
-                load_into(model, payload, ckpt, role=role)
-            except CheckpointError as exc:  # name the key the file came from
-                key = "teacher.checkpoint" if role.startswith("teacher") else f"{role}.checkpoint"
-                raise CheckpointError(f"{key}={ckpt}: {exc}") from None
-            log.info("%s %s: loaded %s", role, node.name, ckpt)
-            self.sources[role] = str(ckpt)
-            self.keys[role] = file_digest(ckpt)
-            return model
-
-        if self.dry:  # preflight: an untrained model stands in for the stored one
-            self.keys[role] = f"preflight-{role}"
-            return model
-        recipe = self.recipe(node)
-        if init_seed is not None:
-            recipe["init_seed"] = seed
-        if teacher is not None:
-            recipe.update(kind="distill", teacher=self.keys[teacher_role], loss=to_plain(self.cfg.loss),
-                          epochs=int(self.cfg.trainer.epochs))
-        entry = self.store.entry(str(self.cfg.dataset.name), str(node.name), int(self.cfg.seed), recipe)
-        what = f"{role} {node.name}"
-        epochs = recipe["epochs"]
-
-        def train(entry_dir: Path | None) -> dict:
-            """Train into ``entry_dir``; None: a non-main rank of torchrun, which writes nothing."""
-            how = "scheme=baseline" if teacher is None else f"{loss_name(self.cfg.loss)} from the {teacher_role}"
-            log.info("%s: training it (%s, %d epochs) -> %s", what, how, epochs, entry_dir)
-            fresh = self.build_model(node, seed)
-            writes = entry_dir is not None
-            sinks = [MetricsWriter(entry_dir / "metrics.csv"), self.metrics] if writes else []
-            ckpts = entry_dir / "checkpoints" if writes else None
-            resume = not self.world.active  # ranks could not agree on where a resumed training stands
-            try:
-                if teacher is None:
-                    fit = self.trainer.fit(
-                        SupervisedStage(fresh, role), epochs=epochs, lr=recipe["lr"],
-                        ckpt_dir=ckpts, metrics=sinks, resume=resume, label=what,
-                    )
-                else:
-                    fit = self.distill(fresh, teacher, node, name=role, epochs=epochs,
-                                       ckpt_dir=ckpts, metrics=sinks, resume=resume, label=what)
-            except DivergedError as exc:
-                if writes:  # the entry holds no model.pt: never reused; its summary says why
-                    write_json(entry_dir / "summary.json", {"status": exc.status, "error": str(exc), "recipe": recipe})
-                raise
-            if not writes:
-                return {}
-            summary = {"status": "ok", "model": str(node.name), "role": role, **fit.as_summary("model"),
-                       "top1": fit.top1_last, "recipe": recipe}
-            write_json(entry_dir / "summary.json", summary)
-            save_checkpoint(entry_dir / MODEL_FILE, fresh, top1=fit.top1_last, top1_best=fit.top1_best,
-                            epochs=epochs)
-            return summary
-
-        path, trained = self.store.obtain(entry, recipe, what, train, self.world)
-        if not trained:
-            log.info("%s: reusing %s", what, path)
-        payload = read_checkpoint(path)
-        load_into(model, payload, path, role=role)
-        self.sources[role] = str(path)
-        self.stored[role] = payload
-        self.keys[role] = entry.name
-        return model
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (first 16 hex digits): the identity of a given checkpoint."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _run_dir_from_hydra() -> Path | None:
@@ -450,6 +179,35 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
     rejected before anything trained in a run dir this run created: it is removed again.
     """
     world = dist.env_world()
+    run_dir, fresh = _prepare_run_dir(cfg, run_dir, world)
+    overrides = list(overrides) if overrides is not None else _overrides_from_hydra()
+    t0 = time.perf_counter()
+    summary = initial_summary(cfg, overrides)
+    handler = _attach_log_file(run_dir)
+    progress = {"started": False}  # set once the preflight passed: from then on, training
+    rejected = False
+    try:
+        _execute(cfg, run_dir, world, summary, progress)
+        summary["status"] = "ok"
+    except BaseException as exc:
+        summary["status"] = getattr(exc, "status", "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        summary["error"] = error_text(exc)
+        if not isinstance(exc, (KdrunError, KeyboardInterrupt)):
+            handler.handle(logging.makeLogRecord(  # the traceback goes to kdrun.log only
+                {"name": "kdrun", "levelno": logging.ERROR, "levelname": "ERROR",
+                 "msg": "run failed", "exc_info": (type(exc), exc, exc.__traceback__)}))
+        rejected = (not keep_rejected and fresh and not progress["started"] and world.is_main
+                    and isinstance(exc, KdrunError) and exc.exit_code == 2)
+        raise
+    finally:
+        summary.update(wall_seconds=round(time.perf_counter() - t0, 3), run_dir=str(run_dir), host=platform.node())
+        _finish(cfg, run_dir, world, summary, handler, rejected)
+    return summary
+
+
+def _prepare_run_dir(cfg: DictConfig, run_dir, world: dist.World) -> tuple[Path, bool]:
+    """The run dir (a scratch dir on torchrun's other ranks), created, without stale temp files; and
+    whether it is fresh. A resume with another config is refused here, before anything is written."""
     if not world.is_main:  # under torchrun only rank 0 writes; the others work in a scratch dir
         run_dir = Path(tempfile.mkdtemp(prefix=f"kdrun-rank{world.rank}-"))
         logging.getLogger("kdrun").setLevel(logging.WARNING)
@@ -459,83 +217,77 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
         check_resume(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_temp_files(run_dir)
-    overrides = list(overrides) if overrides is not None else _overrides_from_hydra()
-    t0 = time.perf_counter()
-    summary = initial_summary(cfg, overrides)
-    handler = _attach_log_file(run_dir)
-    started = rejected = False
-    try:
-        validate_run_config(cfg)
-        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        if cfg.trainer.get("threads"):
-            torch.set_num_threads(int(cfg.trainer.threads))
-        device = resolve_device(cfg.trainer.device, world)
-        if world.active:
-            if bool(cfg.trainer.resume):
-                raise ConfigError("trainer.resume=true is not supported under torchrun yet; resume in one process")
-            if int(cfg.trainer.batch_size) < 2 * world.size:
-                raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is too small to split over "
-                                  f"{world.size} processes; use at least {2 * world.size}")
-            if bool(cfg.trainer.sync_bn) and device.type != "cuda":
-                raise ConfigError("trainer.sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm has no CPU "
-                                  "kernel); leave it false on CPU")
-            dist.init(world, device)
-            summary["world_size"] = world.size
-        amp_dtype = resolve_amp(cfg.trainer.amp, device)
-        summary.update({"device": str(device), "amp": amp_name(amp_dtype)})
-        knowledge = run_knowledge(cfg)
-        scheme = instantiate(cfg.scheme)
-        log.info("run dir: %s", run_dir)
-        if knowledge.terms:
-            summary["loss_formula"] = knowledge.formula()
-            log.info("loss = %s", summary["loss_formula"])
-        data = build_data(
-            cfg.dataset, batch_size=int(cfg.trainer.batch_size), eval_batch_size=int(cfg.trainer.eval_batch_size),
-            device=device, seed=int(cfg.seed), channels_last=bool(cfg.trainer.channels_last),
-        )
-        log.info("data: %s | device %s, amp %s", data, device, amp_name(amp_dtype))
-        seconds = preflight(scheme, cfg, run_dir, data, device, amp_dtype, knowledge, world)
-        log.info("preflight: every model, term and adapter of the run built and stepped once (%.1f s)", seconds)
-        started = True
-        ctx = RunContext(cfg, run_dir, data, device, amp_dtype, knowledge, world)
-        summary.update(scheme.run(ctx))
-        if cfg.get("compare_baseline"):
-            summary.update(_compare_baseline(ctx, summary))
-        for role, src in ctx.sources.items():
-            summary[f"{role}_source"] = src
-        summary["status"] = "ok"
-    except BaseException as exc:
-        summary["status"] = getattr(exc, "status", "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
-        summary["error"] = error_text(exc)
-        if not isinstance(exc, (KdrunError, KeyboardInterrupt)):
-            handler.handle(logging.makeLogRecord(  # the traceback goes to kdrun.log only
-                {"name": "kdrun", "levelno": logging.ERROR, "levelname": "ERROR",
-                 "msg": "run failed", "exc_info": (type(exc), exc, exc.__traceback__)}))
-        rejected = (not keep_rejected and fresh and not started and world.is_main
-                    and isinstance(exc, KdrunError) and exc.exit_code == 2)
-        raise
-    finally:
-        summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
-        summary["run_dir"] = str(run_dir)
-        summary["host"] = platform.node()
-        stop = None
-        if not rejected:
-            try:
-                write_json(run_dir / "summary.json", _finite(summary))
-            except KeyboardInterrupt as exc:  # SIGTERM/Ctrl-C while writing it: it says so, then we stop
-                stop = exc
-                summary.update(status="interrupted", error=error_text(exc))
-                write_json(run_dir / "summary.json", _finite(summary))
-            except OSError as exc:  # a full disk: say so, keep the run's own error
-                log.error("could not write %s: %s", run_dir / "summary.json", exc.strerror or exc)
-            _log_outcome(handler, summary, cfg)
-        _detach_log_file(handler)
-        if rejected or not world.is_main:
-            remove_run_dir(run_dir)
-        dist.shutdown(world)
-        if stop is not None:
-            raise stop
-    return summary
+    return run_dir, fresh
+
+
+def _execute(cfg: DictConfig, run_dir: Path, world: dist.World, summary: dict, progress: dict) -> None:
+    """Checks, device, knowledge, data, the preflight, then the scheme (and the labels-only control)."""
+    validate_run_config(cfg)
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    device, amp_dtype = _start_device(cfg, world, summary)
+    knowledge = run_knowledge(cfg)
+    scheme = instantiate(cfg.scheme)
+    log.info("run dir: %s", run_dir)
+    if knowledge.terms:
+        summary["loss_formula"] = knowledge.formula()
+        log.info("loss = %s", summary["loss_formula"])
+    data = build_data(
+        cfg.dataset, batch_size=int(cfg.trainer.batch_size), eval_batch_size=int(cfg.trainer.eval_batch_size),
+        device=device, seed=int(cfg.seed), channels_last=bool(cfg.trainer.channels_last),
+    )
+    log.info("data: %s | device %s, amp %s", data, device, amp_name(amp_dtype))
+    seconds = preflight(scheme, cfg, run_dir, data, device, amp_dtype, knowledge, world)
+    log.info("preflight: every model, term and adapter of the run built and stepped once (%.1f s)", seconds)
+    progress["started"] = True
+    ctx = RunContext(cfg, run_dir, data, device, amp_dtype, knowledge, world)
+    summary.update(scheme.run(ctx))
+    if cfg.get("compare_baseline"):
+        summary.update(_compare_baseline(ctx, summary))
+    for role, src in ctx.teachers.sources.items():
+        summary[f"{role}_source"] = src
+
+
+def _start_device(cfg: DictConfig, world: dist.World, summary: dict):
+    """The device and autocast dtype of this process (and the process group under torchrun)."""
+    if cfg.trainer.get("threads"):
+        torch.set_num_threads(int(cfg.trainer.threads))
+    device = resolve_device(cfg.trainer.device, world)
+    if world.active:
+        if bool(cfg.trainer.resume):
+            raise ConfigError("trainer.resume=true is not supported under torchrun yet; resume in one process")
+        if int(cfg.trainer.batch_size) < 2 * world.size:
+            raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is too small to split over "
+                              f"{world.size} processes; use at least {2 * world.size}")
+        if bool(cfg.trainer.sync_bn) and device.type != "cuda":
+            raise ConfigError("trainer.sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm has no CPU "
+                              "kernel); leave it false on CPU")
+        dist.init(world, device)
+        summary["world_size"] = world.size
+    amp_dtype = resolve_amp(cfg.trainer.amp, device)
+    summary.update({"device": str(device), "amp": amp_name(amp_dtype)})
+    return device, amp_dtype
+
+
+def _finish(cfg: DictConfig, run_dir: Path, world: dist.World, summary: dict, handler, rejected: bool) -> None:
+    """summary.json (unless the run dir is being removed), the end of kdrun.log, clean-up. An interrupt
+    while summary.json is written still leaves it (status interrupted), then stops the run."""
+    stop = None
+    if not rejected:
+        try:
+            write_json(run_dir / "summary.json", _finite(summary))
+        except KeyboardInterrupt as exc:  # SIGTERM/Ctrl-C while writing it: it says so, then we stop
+            stop = exc
+            summary.update(status="interrupted", error=error_text(exc))
+            write_json(run_dir / "summary.json", _finite(summary))
+        except OSError as exc:  # a full disk: say so, keep the run's own error
+            log.error("could not write %s: %s", run_dir / "summary.json", exc.strerror or exc)
+        _log_outcome(handler, summary, cfg)
+    _detach_log_file(handler)
+    if rejected or not world.is_main:
+        remove_run_dir(run_dir)
+    dist.shutdown(world)
+    if stop is not None:
+        raise stop
 
 
 def error_text(exc: BaseException) -> str:
@@ -549,7 +301,7 @@ def error_text(exc: BaseException) -> str:
 
 
 def preflight(scheme, cfg, run_dir, data, device, amp_dtype, knowledge, world) -> float:
-    """Run the scheme once in dry mode (:class:`RunContext` ``dry=True``): every model is built (and
+    """Run the scheme once in dry mode (:class:`kdrun.runtime.RunContext` ``dry=True``): every model is built (and
     its checkpoint loaded), every knowledge set and adapter set up, and every stage takes one step
     on two images, before anything trains, so a student-side mistake never waits for a teacher's
     training. Nothing is written; the RNG state is restored; log lines below errors are dropped."""
@@ -628,9 +380,9 @@ def remove_run_dir(run_dir: Path) -> None:
 def _compare_baseline(ctx: RunContext, summary: dict) -> dict:
     """Train (or reuse) the student from labels alone with the same recipe and seed."""
     node = ctx.cfg.student
-    model = ctx.obtain_model(node, role="student_baseline")
+    model = ctx.teachers.obtain(node, role="student_baseline")
     ev = ctx.trainer.evaluate(model)
-    stored = ctx.stored.get("student_baseline", {})
+    stored = ctx.teachers.stored.get("student_baseline", {})
     base_best = float(stored.get("top1_best", ev["test_top1"]))
     out = {"student_baseline_top1": base_best, "student_baseline_top1_last": ev["test_top1"]}
     if summary.get("student_top1_best") is not None:

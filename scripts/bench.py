@@ -31,7 +31,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kdrun.config import compose  # noqa: E402
+from kdrun.config import compose, trainer_factories  # noqa: E402
 from kdrun.data import build_data  # noqa: E402
 from kdrun.engine.device import amp_name, resolve_amp, resolve_device  # noqa: E402
 from kdrun.engine.trainer import Trainer  # noqa: E402
@@ -155,7 +155,7 @@ def kdrun_loop(npz: Path, batch: int, steps: int, warmup: int, device: torch.dev
     student = create_model("resnet20", 100).to(device).to(memory_format=torch.channels_last)
     kset = KnowledgeSet({"kd": KD(alpha=0.9, temperature=4.0)})
     kset.setup(tap_shapes(student, 3, 32), tap_shapes(teacher, 3, 32))
-    trainer = Trainer(cfg, data, device, amp_dtype)
+    trainer = Trainer(cfg, data, device, amp_dtype, **trainer_factories(cfg))
     fit = trainer.fit(DistillStage(student, teacher, kset), epochs=2, lr=0.05, ckpt_dir=None)
     return fit.history[-1]["images_per_second"], amp_name(amp_dtype)
 
@@ -180,7 +180,7 @@ def kdrun_eval(npz: Path, model: torch.nn.Module, device: torch.device, amp: str
     cfg = compose(["dataset=npz", f"dataset.path={npz}", f"trainer.amp={amp}", "trainer.progress=off"])
     data = build_data(cfg.dataset, batch_size=64, eval_batch_size=int(cfg.trainer.eval_batch_size), device=device,
                       seed=0, channels_last=bool(cfg.trainer.channels_last))
-    trainer = Trainer(cfg, data, device, resolve_amp(cfg.trainer.amp, device))
+    trainer = Trainer(cfg, data, device, resolve_amp(cfg.trainer.amp, device), **trainer_factories(cfg))
     model = model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     trainer.evaluate(model)

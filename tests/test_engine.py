@@ -151,7 +151,7 @@ class GradSpy(nn.Module):
 def test_every_evaluation_runs_without_autograd(tmp_path):
     """Evaluation during fit and of a trained model keeps no graph (a kept graph per test batch cost
     17.5 GB on a 10k-image test split): no evaluation output may require grad."""
-    from kdrun.config import compose
+    from kdrun.config import compose, trainer_factories
     from kdrun.data import build_data
     from kdrun.engine.trainer import Trainer
     from kdrun.schemes.stages import SupervisedStage
@@ -160,7 +160,7 @@ def test_every_evaluation_runs_without_autograd(tmp_path):
                    "trainer.batch_size=16", "trainer.eval_batch_size=16", "trainer.progress=off"])
     data = build_data(cfg.dataset, batch_size=16, eval_batch_size=16, device="cpu", seed=0)
     model = GradSpy()
-    trainer = Trainer(cfg, data, torch.device("cpu"), None)
+    trainer = Trainer(cfg, data, torch.device("cpu"), None, **trainer_factories(cfg))
     trainer.fit(SupervisedStage(model), epochs=2, lr=0.01, ckpt_dir=None)
     trainer.evaluate(model)
     assert model.eval_forwards == 3 * 3  # 3 test batches per evaluation: 2 epochs + 1 final
@@ -169,7 +169,7 @@ def test_every_evaluation_runs_without_autograd(tmp_path):
 
 def test_divergence_keeps_the_last_finite_checkpoint(tmp_path):
     """A loss that explodes in epoch 2 ends the stage there; last/best stay at epoch 1."""
-    from kdrun.config import compose
+    from kdrun.config import compose, trainer_factories
     from kdrun.data import build_data
     from kdrun.engine.trainer import Trainer
     from kdrun.errors import DivergedError
@@ -185,7 +185,7 @@ def test_divergence_keeps_the_last_finite_checkpoint(tmp_path):
                    "trainer.progress=off"])
     data = build_data(cfg.dataset, batch_size=16, eval_batch_size=32, device="cpu", seed=0)
     model = create_model("resnet8", 10, 3, 16)
-    trainer = Trainer(cfg, data, torch.device("cpu"), None)
+    trainer = Trainer(cfg, data, torch.device("cpu"), None, **trainer_factories(cfg))
     with pytest.raises(DivergedError, match=r"student: training diverged in epoch 2 \(loss exploded"):
         trainer.fit(Exploding(model), epochs=3, lr=1e-3, ckpt_dir=tmp_path)
     assert read_checkpoint(tmp_path / "last.pt")["epoch"] == 1

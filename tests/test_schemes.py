@@ -137,11 +137,11 @@ def test_mutual_updates_every_peer_and_targets_carry_no_gradient():
 
 
 def test_born_again_generations_fresh_and_taught_by_the_previous(compose_tiny, tmp_path, monkeypatch):
-    from kdrun import run as run_mod
+    from kdrun.runtime import Distiller, ModelFactory
 
     built, taught = [], []
-    original_build = run_mod.RunContext.build_model
-    original_distill = run_mod.RunContext.distill
+    original_build = ModelFactory.build
+    original_distill = Distiller.distill
 
     def build(self, node, seed=None):
         model = original_build(self, node, seed)
@@ -154,8 +154,8 @@ def test_born_again_generations_fresh_and_taught_by_the_previous(compose_tiny, t
             taught.append((kw.get("name"), {k: v.clone() for k, v in teacher.state_dict().items()}))
         return original_distill(self, student, teacher, node, **kw)
 
-    monkeypatch.setattr(run_mod.RunContext, "build_model", build)
-    monkeypatch.setattr(run_mod.RunContext, "distill", distill)
+    monkeypatch.setattr(ModelFactory, "build", build)
+    monkeypatch.setattr(Distiller, "distill", distill)
     cfg, ov = compose_tiny("scheme=born_again", "scheme.generations=2", "loss=kd")
     summary = run(cfg, run_dir=tmp_path / "r", overrides=ov)
     assert summary["status"] == "ok"

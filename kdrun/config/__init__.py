@@ -357,6 +357,44 @@ def build_knowledge(loss_cfg, ce_weight="auto"):
     return KnowledgeSet(terms, ce_weight)
 
 
+def optimizer_factory(optim: Any):
+    """``make(params, lr)`` -> the optimizer of the ``optim`` config (a partial ``_target_``) at a
+    stage's learning rate."""
+
+    def make(params, lr: float):
+        partial = instantiate(optim, lr=float(lr), _convert_="all")
+        try:
+            return partial(params)
+        except (TypeError, ValueError) as exc:  # a key the optimizer does not take, or a value it refuses
+            raise ConfigError(f"optim._target_={optim.get('_target_')} refuses its settings ({_first_line(exc)}); "
+                              "every key of optim except _target_/_partial_ must be an argument of that class") from None
+
+    return make
+
+
+def schedule_factory(sched: Any):
+    """``make(base_lr, epochs, steps_per_epoch)`` -> the lr schedule of the ``sched`` config."""
+
+    def make(base_lr: float, epochs: int, steps_per_epoch: int):
+        partial = instantiate(sched, _convert_="all")
+        try:
+            return partial(base_lr, epochs, steps_per_epoch)
+        except TypeError as exc:  # a key the schedule does not take
+            raise ConfigError(f"sched._target_={sched.get('_target_')} refuses its settings ({_first_line(exc)}); "
+                              "every key of sched except _target_/_partial_ must be an argument of that class") from None
+
+    return make
+
+
+def trainer_factories(cfg: Any) -> dict:
+    """The optimizer and schedule factories a Trainer takes, from the run config."""
+    return {"optimizer": optimizer_factory(cfg.optim), "schedule": schedule_factory(cfg.sched)}
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
 def to_plain(node: Any) -> Any:
     if isinstance(node, (DictConfig, ListConfig)):
         return OmegaConf.to_container(node, resolve=True)

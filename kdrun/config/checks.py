@@ -183,9 +183,9 @@ def _validate_optim(cfg: DictConfig) -> None:
     _validate_finite(cfg, "optim")
     import torch
 
-    from kdrun.engine.schedule import build_optimizer
+    from kdrun.config import optimizer_factory
 
-    build_optimizer([torch.zeros(1, requires_grad=True)], cfg.optim, float(cfg.optim.lr))
+    optimizer_factory(cfg.optim)([torch.zeros(1, requires_grad=True)], float(cfg.optim.lr))
 
 
 def _validate_sched(cfg: DictConfig) -> None:
@@ -202,9 +202,9 @@ def _validate_sched(cfg: DictConfig) -> None:
     if "min_lr" in cfg.sched:
         number(cfg, "sched.min_lr", minimum=0)
     _validate_finite(cfg, "sched")
-    from kdrun.engine.schedule import build_schedule
+    from kdrun.config import schedule_factory
 
-    build_schedule(cfg.sched, 0.1, 0, 1)
+    schedule_factory(cfg.sched)(0.1, 0, 1)
 
 
 def _validate_model(cfg: DictConfig, role: str) -> None:

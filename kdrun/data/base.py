@@ -14,9 +14,10 @@ device-side augmentation come with it.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -47,6 +48,22 @@ class DataSource(abc.ABC):
     std: Any
     train_subset: int | None
     test_subset: int | None
+
+    #: fields that name a file or folder: absolute in :meth:`identity`
+    path_fields: ClassVar[tuple[str, ...]] = ()
+    #: fields that cannot change the data (whether to download it): left out of :meth:`identity`
+    free_fields: ClassVar[tuple[str, ...]] = ()
+
+    def identity(self) -> dict:
+        """What determines the data, as plain values (part of a stored model's recipe): every field,
+        paths made absolute, :attr:`free_fields` left out."""
+        out = {"kind": f"{type(self).__module__}.{type(self).__qualname__}", **dataclasses.asdict(self)}
+        for key in self.free_fields:
+            out.pop(key, None)
+        for key in self.path_fields:
+            if out.get(key):
+                out[key] = str(Path(str(out[key])).expanduser().resolve())
+        return out
 
     def __post_init__(self) -> None:
         at_least(self, "augment.crop_padding", self.augment.crop_padding, 0)

@@ -105,6 +105,8 @@ class ImageFolder(DataSource):
     centre-cropped to ``image_size`` by ``num_workers`` DataLoader workers."""
 
     root: str | None
+    path_fields = ("root",)
+    free_fields = ("num_workers",)
     image_size: int
     num_workers: int
 

@@ -23,6 +23,8 @@ class Cifar10(ArraySource):
 
     root: str | None
     download: bool
+    path_fields = ("root",)
+    free_fields = ("download",)
     torchvision_class = "CIFAR10"  # torchvision.datasets.<this> reads and fetches the files
 
     def __post_init__(self) -> None:
@@ -50,6 +52,7 @@ class Npz(ArraySource):
     in the .npz file ``path``."""
 
     path: str | None
+    path_fields = ("path",)
 
     def __post_init__(self) -> None:
         required_path(self, "path", "/path/to/file.npz")
@@ -70,6 +73,7 @@ class FashionMnist(ArraySource):
     """The four Fashion-MNIST IDX files (``.gz`` or not) under ``root``."""
 
     root: str | None
+    path_fields = ("root",)
 
     def __post_init__(self) -> None:
         required_path(self, "root", "/usr/share/datasets/fashion-mnist")

@@ -65,6 +65,12 @@ def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, world: World) -> torch.Tensor:
+    if world.active:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def average_gradients(params: list[nn.Parameter], world: World) -> None:
     """Average the gradients of ``params`` over the ranks with one flat all-reduce."""
     if not world.active:

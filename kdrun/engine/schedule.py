@@ -2,8 +2,9 @@
 
 Both come from their config group: ``conf/optim/<name>.yaml`` is a partial optimizer
 (``{_target_: torch.optim.SGD, _partial_: true, lr: ..., momentum: ...}``) and
-``conf/sched/<name>.yaml`` a partial :class:`LRSchedule` subclass; a stage's own lr replaces
-``optim.lr``. Another optimizer or schedule is its class and one YAML.
+``conf/sched/<name>.yaml`` a partial :class:`LRSchedule` subclass, built by
+:func:`kdrun.config.optimizer_factory` / :func:`kdrun.config.schedule_factory`; a stage's own lr
+replaces ``optim.lr``. Another optimizer or schedule is its class and one YAML.
 """
 
 from __future__ import annotations
@@ -11,39 +12,9 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
 
-from kdrun.errors import ConfigError
 
 log = logging.getLogger("kdrun")
-
-
-def build_optimizer(params, cfg, lr: float) -> torch.optim.Optimizer:
-    """The optimizer of ``cfg`` (the ``optim`` section) over ``params`` at learning rate ``lr``."""
-    from kdrun.config import instantiate
-
-    make = instantiate(cfg, lr=float(lr), _convert_="all")
-    try:
-        return make(params)
-    except (TypeError, ValueError) as exc:  # a key the optimizer does not take, or a value it refuses
-        raise ConfigError(f"optim._target_={cfg.get('_target_')} refuses its settings ({_first_line(exc)}); "
-                          "every key of optim except _target_/_partial_ must be an argument of that class") from None
-
-
-def build_schedule(cfg, base_lr: float, epochs: int, steps_per_epoch: int) -> LRSchedule:
-    """The schedule of ``cfg`` (the ``sched`` section) for a stage of ``epochs`` epochs."""
-    from kdrun.config import instantiate
-
-    make = instantiate(cfg, _convert_="all")
-    try:
-        return make(base_lr, epochs, steps_per_epoch)
-    except TypeError as exc:  # a key the schedule does not take
-        raise ConfigError(f"sched._target_={cfg.get('_target_')} refuses its settings ({_first_line(exc)}); "
-                          "every key of sched except _target_/_partial_ must be an argument of that class") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 class LRSchedule:

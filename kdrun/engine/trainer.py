@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,6 @@ from kdrun.engine import distributed as dist
 from kdrun.engine.checkpoint import load_into, read_checkpoint, save_checkpoint
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.progress import EpochProgress
-from kdrun.engine.schedule import build_optimizer, build_schedule
 from kdrun.errors import CheckpointError, DivergedError
 from kdrun.faults import fault_point
 from kdrun.knowledge.base import Step
@@ -89,14 +88,80 @@ class FitResult:
         }
 
 
+class _Optimization:
+    """A stage's optimizer, lr schedule and (fp16) grad scaler, and the step that uses them."""
+
+    def __init__(self, params, make_optimizer, make_schedule, lr: float, epochs: int, steps: int, amp_dtype) -> None:
+        self.params, self.base_lr, self.epochs, self.steps = params, lr, epochs, steps
+        self.optimizer = make_optimizer(params, lr)
+        self.schedule = make_schedule(lr, epochs, steps)
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    def set_lr(self, epoch: int, batch: int) -> float:
+        lr = self.schedule(epoch, batch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step(self, loss: torch.Tensor, world: dist.World) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            dist.average_gradients(self.params, world)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            dist.average_gradients(self.params, world)
+            self.optimizer.step()
+
+
+class EpochTotals:
+    """One epoch's running sums, kept on the device: no host sync per step."""
+
+    def __init__(self, device: torch.device, lr: float) -> None:
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+        self.lr = lr
+        self.seen = 0
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_max = torch.zeros((), device=device)
+        self.first_loss: torch.Tensor | None = None  # the epoch's first step (divergence is judged against it)
+        self.correct: dict = {}  # output name (None: the only one) -> correct predictions
+        self.terms: dict[str, torch.Tensor] = {}  # "loss_<term>" -> weighted sum
+
+    def add(self, loss: torch.Tensor, logits, logs: dict, y: torch.Tensor) -> None:
+        b = y.shape[0]
+        value = loss.detach().float()
+        self.seen += b
+        self.loss_sum += value * b
+        self.loss_max = torch.maximum(self.loss_max, value)
+        if self.first_loss is None:
+            self.first_loss = value.clone()
+        for name, out in (logits.items() if isinstance(logits, dict) else [(None, logits)]):
+            hits = (out.detach().argmax(dim=1) == y).sum()
+            self.correct[name] = self.correct[name] + hits if name in self.correct else hits
+        for k, v in logs.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v.float() * b
+
+    def progress_text(self) -> str:
+        first = next(iter(self.correct.values()))
+        return f"loss {self.loss_sum.item() / self.seen:.3f}  acc {100.0 * first.item() / self.seen:.1f}%"
+
+
 class Trainer:
-    def __init__(self, cfg, data, device: torch.device, amp_dtype: torch.dtype | None, progress: bool = False,
-                 world: dist.World = dist.SINGLE, dry: bool = False):
-        """``cfg``: the full run config (reads trainer, optim, sched). ``data``: a DataModule.
-        ``world``: the data-parallel processes (each takes its share of every batch). ``dry``: the
-        preflight: :meth:`fit` takes one step on two images, :meth:`evaluate` scores two images."""
+    def __init__(self, cfg, data, device: torch.device, amp_dtype: torch.dtype | None, *,
+                 optimizer: Callable[[list, float], torch.optim.Optimizer],
+                 schedule: Callable[[float, int, int], Callable[[int, int], float]],
+                 progress: bool = False, world: dist.World = dist.SINGLE, dry: bool = False):
+        """``cfg``: the run config (reads its ``trainer`` section). ``data``: a DataModule.
+        ``optimizer(params, lr)`` and ``schedule(base_lr, epochs, steps_per_epoch)`` build a stage's
+        optimizer and lr schedule (kdrun.config.optimizer_factory / schedule_factory of the optim and
+        sched configs). ``world``: the data-parallel processes (each takes its share of every batch).
+        ``dry``: the preflight: :meth:`fit` takes one step on two images, :meth:`evaluate` scores two."""
         self.cfg = cfg
         self.tcfg = cfg.trainer
+        self.optimizer_factory, self.schedule_factory = optimizer, schedule
         self.data = data
         self.device = device
         self.amp_dtype = amp_dtype
@@ -168,138 +233,108 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ fit
-    def fit(
-        self,
-        stage: Stage,
-        *,
-        epochs: int,
-        lr: float,
-        ckpt_dir: Path | None,
-        metrics: Sequence[MetricsWriter] = (),
-        resume: bool = False,
-        label: str | None = None,
-    ) -> FitResult:
-        """Train ``stage`` for ``epochs`` epochs at base learning rate ``lr``."""
+    def fit(self, stage: Stage, *, epochs: int, lr: float, ckpt_dir: Path | None,
+            metrics: Sequence[MetricsWriter] = (), resume: bool = False, label: str | None = None) -> FitResult:
+        """Train ``stage`` for ``epochs`` epochs at base learning rate ``lr``: per epoch the steps,
+        a divergence check, evaluation, one metrics row per scored model, last/best checkpoints."""
         if self.dry:
             return self._dry_step(stage, epochs, lr)
         label = label or stage.name
-        steps = self.steps_per_epoch()
-        world = self.world
-        params = stage.parameters_to_train()
-        optimizer = build_optimizer(params, self.cfg.optim, lr)
-        schedule = build_schedule(self.cfg.sched, lr, epochs, steps)
-        scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        opt = _Optimization(stage.parameters_to_train(), self.optimizer_factory, self.schedule_factory, lr, epochs,
+                            self.steps_per_epoch(), self.amp_dtype)
         result = FitResult(epochs=epochs)
         start = 0
-        last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
-        if resume and last_path is not None and last_path.is_file():
-            start = self._resume(stage, optimizer, last_path, result)
-            log.info("%s: resuming after epoch %d from %s", label, start, last_path)
+        if resume and ckpt_dir is not None and (ckpt_dir / "last.pt").is_file():
+            start = self._resume(stage, opt.optimizer, ckpt_dir / "last.pt", result)
+            log.info("%s: resuming after epoch %d from %s", label, start, ckpt_dir / "last.pt")
         for m in metrics:  # rows of epochs after the checkpoint (a killed run) are trained again
             m.truncate(stage.name, start)
-        log_every = max(1, int(self.tcfg.log_every))
         first_loss = None
-
         with EpochProgress(self.progress) as bar:
             for epoch in range(start, epochs):
-                stage.train()
-                bar.start(f"{label} {epoch + 1}/{epochs}", steps)
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=self.device)
-                loss_max = torch.zeros((), device=self.device)
-                correct: dict = {}
-                term_sums: dict[str, torch.Tensor] = {}
-                seen = 0
-                lr_now = lr
-                for i, (x, y, index) in enumerate(self.data.train_batches(epoch, with_index=True)):
-                    if i >= steps:
-                        break
-                    lr_now = schedule(epoch, i)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_now
-                    if world.active:
-                        share = dist.local_slice(y.shape[0], world)
-                        x, y, index = x[share], y[share], index[share]
-                    with self.autocast():
-                        loss, logits, logs = stage.training_step(
-                            x, Step(targets=y, index=index, epoch=epoch + i / steps, epochs=epochs, batch=i)
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        dist.average_gradients(params, world)
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        dist.average_gradients(params, world)
-                        optimizer.step()
-                    fault_point("step")
-                    b = y.shape[0]
-                    seen += b
-                    loss_sum += loss.detach().float() * b
-                    loss_max = torch.maximum(loss_max, loss.detach().float())
-                    if first_loss is None:
-                        first_loss = loss.detach().float().clone()
-                    for name, out in (logits.items() if isinstance(logits, dict) else [(None, logits)]):
-                        hits = (out.detach().argmax(dim=1) == y).sum()
-                        correct[name] = correct[name] + hits if name in correct else hits
-                    for k, v in logs.items():
-                        term_sums[k] = term_sums.get(k, 0.0) + v.float() * b
-                    if bar.enabled and (i + 1) % log_every == 0:
-                        first = next(iter(correct.values()))
-                        bar.update(i + 1, f"loss {loss_sum.item() / seen:.3f}  acc {100.0 * first.item() / seen:.1f}%")
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                train_seconds = time.perf_counter() - t0
-                stage.end_epoch(epoch)
-                if world.active:
-                    seen = self._reduce_epoch(stage, world, seen, loss_sum, correct, term_sums)
-                train_loss = loss_sum.item() / max(seen, 1)
-                self._check_divergence(label, epoch, lr, params, train_loss, loss_max, first_loss)
-                base = {"stage": stage.name, "epoch": epoch + 1, "lr": lr_now, "train_loss": train_loss}
-                base.update({k: v.item() / max(seen, 1) for k, v in term_sums.items()})
-                every = max(1, int(self.tcfg.eval_every)) if stage.eval_each_epoch else epochs
-                if epoch + 1 == epochs or (epoch + 1) % every == 0:
-                    scores = self._evaluate_outputs(stage.eval_model())
-                    bad = [n for n, sc in scores.items() if not math.isfinite(sc["test_loss"])]
-                    if bad:
-                        self._diverged(label, epoch, lr, "non-finite outputs on the test split")
-                else:
-                    scores = {name: dict(NO_SCORE) for name in correct}
-                rows = []
-                for name, score in scores.items():
-                    row = dict(base) if name is None else {**base, "model": name}
-                    hits = correct.get(name)
-                    row["train_top1"] = 100.0 * hits.item() / max(seen, 1) if hits is not None else float("nan")
-                    row.update(score)
-                    row["epoch_seconds"] = time.perf_counter() - t0
-                    row["images_per_second"] = seen / max(train_seconds, 1e-9)
-                    rows.append(row)
-                result.train_seconds += train_seconds
+                totals = self._train_epoch(stage, epoch, opt, bar, label)
+                first_loss = totals.first_loss if first_loss is None else first_loss
+                self._check_divergence(label, epoch, lr, opt.params, totals, first_loss)
+                rows = self._score_epoch(stage, epoch, epochs, totals, label, lr)
+                result.train_seconds += totals.seconds
                 primary = self._record(result, rows, stage.primary)
                 for m in metrics:
                     for row in rows:
                         m.append(row)
-                log.info(
-                    "%s epoch %d/%d  loss %.4f  train %.2f%%  test %.2f%% (top-5 %.2f%%)  %.1fs  %.0f img/s%s",
-                    label, epoch + 1, epochs, train_loss, primary["train_top1"], primary["test_top1"],
-                    primary["test_top5"], primary["epoch_seconds"], primary["images_per_second"],
-                    "".join(f"  | {r['model']} {r['test_top1']:.2f}%" for r in rows if r is not primary and "model" in r),
-                )
-                if ckpt_dir is not None and world.is_main:
-                    self._save(stage, optimizer, ckpt_dir, epoch + 1, result, improved=result.best_epoch == epoch + 1)
+                self._log_epoch(label, epoch, epochs, primary, rows)
+                if ckpt_dir is not None and self.world.is_main:
+                    self._save(stage, opt.optimizer, ckpt_dir, epoch + 1, result, improved=result.best_epoch == epoch + 1)
         if result.history:
             ips = [r["images_per_second"] for r in result.history]
             result.images_per_second = sum(ips) / len(ips)
         return result
 
+    def _train_epoch(self, stage: Stage, epoch: int, opt: "_Optimization", bar: EpochProgress, label: str) -> EpochTotals:
+        """The steps of one epoch; running sums stay on the device (a host sync only for the live bar)."""
+        stage.train()
+        bar.start(f"{label} {epoch + 1}/{opt.epochs}", opt.steps)
+        totals = EpochTotals(self.device, lr=opt.base_lr)
+        log_every = max(1, int(self.tcfg.log_every))
+        for i, (x, y, index) in enumerate(self.data.train_batches(epoch, with_index=True)):
+            if i >= opt.steps:
+                break
+            totals.lr = opt.set_lr(epoch, i)
+            if self.world.active:
+                share = dist.local_slice(y.shape[0], self.world)
+                x, y, index = x[share], y[share], index[share]
+            with self.autocast():
+                loss, logits, logs = stage.training_step(
+                    x, Step(targets=y, index=index, epoch=epoch + i / opt.steps, epochs=opt.epochs, batch=i))
+            opt.step(loss, self.world)
+            fault_point("step")
+            totals.add(loss, logits, logs, y)
+            if bar.enabled and (i + 1) % log_every == 0:
+                bar.update(i + 1, totals.progress_text())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        totals.seconds = time.perf_counter() - totals.started
+        stage.end_epoch(epoch)
+        if self.world.active:
+            totals.seen = self._reduce_epoch(stage, self.world, totals)
+        return totals
+
+    def _score_epoch(self, stage: Stage, epoch: int, epochs: int, totals: "EpochTotals", label: str,
+                     lr: float) -> list[dict]:
+        """The epoch's metrics rows: the training means, and the test scores when this epoch is scored."""
+        seen = max(totals.seen, 1)
+        base = {"stage": stage.name, "epoch": epoch + 1, "lr": totals.lr, "train_loss": totals.loss_sum.item() / seen}
+        base.update({k: v.item() / seen for k, v in totals.terms.items()})
+        every = max(1, int(self.tcfg.eval_every)) if stage.eval_each_epoch else epochs
+        if epoch + 1 == epochs or (epoch + 1) % every == 0:
+            scores = self._evaluate_outputs(stage.eval_model())
+            if any(not math.isfinite(sc["test_loss"]) for sc in scores.values()):
+                self._diverged(label, epoch, lr, "non-finite outputs on the test split")
+        else:
+            scores = {name: dict(NO_SCORE) for name in totals.correct}
+        rows = []
+        for name, score in scores.items():
+            row = dict(base) if name is None else {**base, "model": name}
+            hits = totals.correct.get(name)
+            row["train_top1"] = 100.0 * hits.item() / seen if hits is not None else float("nan")
+            row.update(score)
+            row["epoch_seconds"] = time.perf_counter() - totals.started
+            row["images_per_second"] = totals.seen / max(totals.seconds, 1e-9)
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def _log_epoch(label: str, epoch: int, epochs: int, primary: dict, rows: list[dict]) -> None:
+        others = "".join(f"  | {r['model']} {r['test_top1']:.2f}%" for r in rows if r is not primary and "model" in r)
+        log.info("%s epoch %d/%d  loss %.4f  train %.2f%%  test %.2f%% (top-5 %.2f%%)  %.1fs  %.0f img/s%s",
+                 label, epoch + 1, epochs, primary["train_loss"], primary["train_top1"], primary["test_top1"],
+                 primary["test_top5"], primary["epoch_seconds"], primary["images_per_second"], others)
+
     def _dry_step(self, stage: Stage, epochs: int, lr: float) -> FitResult:
         """The preflight of a stage: its optimizer, and one forward and backward pass on two
         training images (every tap, term and adapter runs once); no update, nothing written."""
         params = stage.parameters_to_train()
-        build_optimizer(params, self.cfg.optim, lr)
-        build_schedule(self.cfg.sched, lr, epochs, self.steps_per_epoch())
+        self.optimizer_factory(params, lr)
+        self.schedule_factory(lr, epochs, self.steps_per_epoch())
         stage.train()
         x, y, index = next(iter(self.data.train_batches(0, with_index=True)))
         with self.autocast():
@@ -314,13 +349,14 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ divergence
-    def _check_divergence(self, label, epoch, lr, params, train_loss, loss_max, first_loss) -> None:
+    def _check_divergence(self, label, epoch, lr, params, totals: "EpochTotals", first_loss) -> None:
         """End the stage (DivergedError) on a non-finite loss or weight, or a loss that exploded;
         called before the epoch's checkpoint is written, so the checkpoints keep the last finite epoch."""
+        train_loss = totals.loss_sum.item() / max(totals.seen, 1)
         if not math.isfinite(train_loss):
             self._diverged(label, epoch, lr, f"train loss {train_loss}")
         if first_loss is not None:
-            peak, first = loss_max.item(), first_loss.item()
+            peak, first = totals.loss_max.item(), first_loss.item()
             if peak > EXPLODING * max(first, 1.0):
                 self._diverged(label, epoch, lr, f"loss exploded from {first:.4g} to {peak:.3g}")
         finite = torch.stack([p.detach().isfinite().all() for p in params]).all() if params else torch.tensor(True)
@@ -335,13 +371,16 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ bookkeeping
-    def _reduce_epoch(self, stage, world, seen, loss_sum, correct, term_sums) -> int:
+    def _reduce_epoch(self, stage, world, totals: "EpochTotals") -> int:
         """Sum the epoch's running totals over the ranks (in place) and average BN statistics."""
-        dist.all_reduce_sum(loss_sum, world)
-        for name in sorted(correct, key=str):
-            correct[name] = dist.all_reduce_sum(correct[name].clone(), world)
-        for name in sorted(term_sums):
-            term_sums[name] = dist.all_reduce_sum(torch.as_tensor(term_sums[name], device=self.device).clone(), world)
+        dist.all_reduce_sum(totals.loss_sum, world)
+        dist.all_reduce_max(totals.loss_max, world)
+        for name in sorted(totals.correct, key=str):
+            totals.correct[name] = dist.all_reduce_sum(totals.correct[name].clone(), world)
+        for name in sorted(totals.terms):
+            totals.terms[name] = dist.all_reduce_sum(torch.as_tensor(totals.terms[name], device=self.device).clone(),
+                                                     world)
+        seen = totals.seen
         for module in (stage.model, *stage.extra_modules().values()):  # BN statistics of adapters and exits too
             dist.average_buffers(module, world)
         return int(dist.all_reduce_sum(torch.tensor([seen], device=self.device), world).item())

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from kdrun.config import loss_name, split_models
 
 if TYPE_CHECKING:
-    from kdrun.run import RunContext
+    from kdrun.runtime import RunContext
 
 
 class Scheme:

@@ -16,6 +16,6 @@ class Baseline(Scheme):
         return str(cfg.student.name)
 
     def run(self, ctx) -> dict:
-        student = ctx.build_model(ctx.cfg.student)
-        fit = ctx.fit(SupervisedStage(student, "student"), ctx.cfg.student)
-        return {**fit.as_summary("student"), **ctx.model_stats(student, "student")}
+        student = ctx.models.build(ctx.cfg.student)
+        fit = ctx.distiller.fit(SupervisedStage(student, "student"), ctx.cfg.student)
+        return {**fit.as_summary("student"), **ctx.models.stats(student, "student")}

@@ -39,20 +39,20 @@ class BornAgain(Scheme):
         self.validate(cfg)
         node, seed, n = cfg.student, int(cfg.seed), self.generations
         out: dict = {"generations": n}
-        prev = ctx.obtain_model(node, role="gen0")
+        prev = ctx.teachers.obtain(node, role="gen0")
         out.update(ctx.evaluate_summary(prev, "gen0"))
         out["teacher_top1"] = out["gen0_top1"]
         gens = {}
         for k in range(1, n):
-            gen = ctx.obtain_model(node, role=f"gen{k}", teacher=prev, teacher_role=f"gen{k - 1}", init_seed=seed + k)
+            gen = ctx.teachers.obtain(node, role=f"gen{k}", teacher=prev, teacher_role=f"gen{k - 1}", init_seed=seed + k)
             out.update(ctx.evaluate_summary(gen, f"gen{k}"))
             gens[f"gen{k}"] = prev = gen
-        last = ctx.build_model(node, seed + n)
-        fit = ctx.distill(last, prev, node, name=f"gen{n}")
+        last = ctx.models.build(node, seed + n)
+        fit = ctx.distiller.distill(last, prev, node, name=f"gen{n}")
         out.update({f"gen{n}_top1": fit.top1_last, f"gen{n}_top1_best": fit.top1_best})
         gens[f"gen{n}"] = last
         scores = ctx.trainer.evaluate(EnsembleEval(gens)) if n > 1 else {"ensemble": {"test_top1": fit.top1_last}}
         out["ensemble_top1"] = scores["ensemble"]["test_top1"]
         out.update(fit.as_summary("student"))
-        out.update(ctx.model_stats(last, "student"))
+        out.update(ctx.models.stats(last, "student"))
         return out

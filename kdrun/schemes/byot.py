@@ -131,25 +131,25 @@ class Byot(Scheme):
     def run(self, ctx) -> dict:
         cfg = ctx.cfg
         self.validate(cfg)
-        student = ctx.build_model(cfg.student)
-        shapes = ctx.shapes(student)
+        student = ctx.models.build(cfg.student)
+        shapes = ctx.models.shapes(student)
         stages = sorted((t for t in shapes if t.startswith("stage") and t[5:].isdigit()), key=lambda t: int(t[5:]))
         if len(stages) < 2:
             raise ConfigError(f"scheme=byot needs a model with two or more stage taps; {cfg.student.name} has {stages}")
         shallow, deep = stages[:-1], stages[-1]
         n_cls = ctx.data.info.num_classes
-        exits = ctx.place(nn.ModuleList(ShallowExit(shapes[t], shapes[deep], n_cls) for t in shallow))
+        exits = ctx.models.place(nn.ModuleList(ShallowExit(shapes[t], shapes[deep], n_cls) for t in shallow))
         exit_sets = []
         for _ in shallow:
             kset = build_knowledge(cfg.loss, cfg.get("ce_weight", "auto"))
             kset.setup({"logits": shapes["logits"]}, {"logits": shapes["logits"]}, ctx.data.info)
-            exit_sets.append(ctx.place(kset))
+            exit_sets.append(ctx.models.place(kset))
         stage = ByotStage(student, exits, shallow, deep, exit_sets, self.feature_weight)
-        fit = ctx.fit(stage, cfg.student)
+        fit = ctx.distiller.fit(stage, cfg.student)
         out: dict = {"exits": len(shallow) + 1}
         for name, res in fit.models.items():
             out[f"{name}_top1_best"] = res.top1_best
             out[f"{name}_top1_last"] = res.top1_last
         out.update(fit.as_summary("student"))
-        out.update(ctx.model_stats(student, "student"))
+        out.update(ctx.models.stats(student, "student"))
         return out

@@ -139,10 +139,10 @@ class MultiTeacher(Scheme):
         teachers = []
         for k, node in enumerate(nodes, start=1):
             role = f"teacher{k}"
-            teacher = ctx.obtain_model(node, role=role)
+            teacher = ctx.teachers.obtain(node, role=role)
             teachers.append(teacher)
             out[role] = str(node.name)
-            out[f"{role}_params"] = ctx.model_stats(teacher, role)[f"{role}_params"]
+            out[f"{role}_params"] = ctx.models.stats(teacher, role)[f"{role}_params"]
         scores = ctx.trainer.evaluate(EnsembleEval({f"teacher{k}": t for k, t in enumerate(teachers, start=1)}))
         for name, score in scores.items():
             out[f"{name}_top1"] = score["test_top1"]
@@ -152,21 +152,21 @@ class MultiTeacher(Scheme):
             f"{out[f'teacher{k}']} {out[f'teacher{k}_top1']:.2f}%" for k in range(1, len(teachers) + 1)),
             out["teacher_ensemble_top1"])
 
-        student = ctx.build_model(cfg.student)
-        s_shapes = ctx.shapes(student)
+        student = ctx.models.build(cfg.student)
+        s_shapes = ctx.models.shapes(student)
         logit_terms = {n: t for n, t in build_knowledge(cfg.loss).terms.items() if t.reads_logits_only()}
         logit_set = KnowledgeSet(logit_terms, cfg.get("ce_weight", "auto"))
         logit_set.setup(s_shapes, {"logits": s_shapes["logits"]}, ctx.data.info)
-        ctx.place(logit_set)
+        ctx.models.place(logit_set)
         feature_sets = []
         for teacher in teachers:
             terms = {n: t for n, t in build_knowledge(cfg.loss).terms.items() if not t.reads_logits_only()}
             fset = KnowledgeSet(terms, ce_weight=0)
-            fset.setup(s_shapes, ctx.shapes(teacher), ctx.data.info)
-            feature_sets.append(ctx.place(fset))
+            fset.setup(s_shapes, ctx.models.shapes(teacher), ctx.data.info)
+            feature_sets.append(ctx.models.place(fset))
         stage = MultiTeacherStage(student, teachers, logit_set, feature_sets, self.aggregation, self.weights)
-        fit = ctx.fit(stage, cfg.student)
+        fit = ctx.distiller.fit(stage, cfg.student)
         out.update(fit.as_summary("student"))
-        out.update(ctx.model_stats(student, "student"))
+        out.update(ctx.models.stats(student, "student"))
         out["teacher_params"] = sum(out[f"teacher{k}_params"] for k in range(1, len(teachers) + 1))
         return out

@@ -97,23 +97,23 @@ class Mutual(Scheme):
         names = split_models(cfg.peers)
         nodes = [model_node(n) for n in names]
         seed = int(cfg.seed)
-        peers = [ctx.build_model(node, seed + k) for k, node in enumerate(nodes)]
-        edges = {(i, j): ctx.new_knowledge(peers[i], peers[j])
+        peers = [ctx.models.build(node, seed + k) for k, node in enumerate(nodes)]
+        edges = {(i, j): ctx.distiller.new_knowledge(peers[i], peers[j])
                  for i in range(len(peers)) for j in range(len(peers)) if i != j}
         group = PeerGroup(peers)
-        lr = {ctx.lr_for(node) for node in nodes}
+        lr = {ctx.models.lr_for(node) for node in nodes}
         if len(lr) > 1:
             raise ConfigError(f"peers {'+'.join(names)} have different model learning rates {sorted(lr)}; "
                               "set optim.lr and the peers' lr to one value")
-        fit = ctx.fit(MutualStage(group, edges), nodes[0])
+        fit = ctx.distiller.fit(MutualStage(group, edges), nodes[0])
         out: dict = {"peers": "+".join(names)}
         for k, (name, peer) in enumerate(zip(names, peers), start=1):
             res = fit.models[f"peer{k}"]
             out.update({f"peer{k}": name, f"peer{k}_top1_best": res.top1_best, f"peer{k}_top1_last": res.top1_last,
-                        f"peer{k}_params": ctx.model_stats(peer, "p")["p_params"]})
+                        f"peer{k}_params": ctx.models.stats(peer, "p")["p_params"]})
         ens = fit.models["ensemble"]
         out.update({"peers_ensemble_top1_best": ens.top1_best, "peers_ensemble_top1_last": ens.top1_last})
         out.update(fit.as_summary("student"))  # the first peer
-        out.update(ctx.model_stats(peers[0], "student"))
+        out.update(ctx.models.stats(peers[0], "student"))
         out["student"] = names[0]
         return out

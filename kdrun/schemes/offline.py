@@ -24,17 +24,17 @@ class Offline(Scheme):
         out: dict = {}
         if not ctx.knowledge.needs_teacher():
             log.info("loss=none: no knowledge terms, so the student trains from labels alone (no teacher)")
-            student = ctx.build_model(cfg.student)
-            fit = ctx.fit(SupervisedStage(student, "student"), cfg.student)
-            return {**fit.as_summary("student"), **ctx.model_stats(student, "student")}
+            student = ctx.models.build(cfg.student)
+            fit = ctx.distiller.fit(SupervisedStage(student, "student"), cfg.student)
+            return {**fit.as_summary("student"), **ctx.models.stats(student, "student")}
 
-        teacher = ctx.obtain_model(cfg.teacher, role="teacher")
+        teacher = ctx.teachers.obtain(cfg.teacher, role="teacher")
         out.update(ctx.evaluate_summary(teacher, "teacher"))
-        out.update(ctx.model_stats(teacher, "teacher"))
+        out.update(ctx.models.stats(teacher, "teacher"))
 
-        student = ctx.build_model(cfg.student)
-        fit = ctx.distill(student, teacher, cfg.student,
-                          cache=lambda taps: ctx.teacher_cache(cfg.teacher, "teacher", taps))
+        student = ctx.models.build(cfg.student)
+        fit = ctx.distiller.distill(student, teacher, cfg.student,
+                          cache=lambda taps: ctx.teachers.cache(cfg.teacher, "teacher", taps))
         out.update(fit.as_summary("student"))
-        out.update(ctx.model_stats(student, "student"))
+        out.update(ctx.models.stats(student, "student"))
         return out

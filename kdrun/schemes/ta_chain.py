@@ -34,24 +34,24 @@ class TAChain(Scheme):
         cfg = ctx.cfg
         self.validate(cfg)
         out: dict = {}
-        teacher = ctx.obtain_model(cfg.teacher, role="teacher")
+        teacher = ctx.teachers.obtain(cfg.teacher, role="teacher")
         out.update(ctx.evaluate_summary(teacher, "teacher"))
-        out.update(ctx.model_stats(teacher, "teacher"))
+        out.update(ctx.models.stats(teacher, "teacher"))
         prev, prev_role = teacher, "teacher"
         chain = [str(cfg.teacher.name)]
         for k, name in enumerate(split_models(cfg.ta), start=1):
             role = f"ta{k}"
-            ta = ctx.obtain_model(model_node(name), role=role, teacher=prev, teacher_role=prev_role)
+            ta = ctx.teachers.obtain(model_node(name), role=role, teacher=prev, teacher_role=prev_role)
             out[role] = name
             out.update(ctx.evaluate_summary(ta, role))
-            out[f"{role}_params"] = ctx.model_stats(ta, role)[f"{role}_params"]
+            out[f"{role}_params"] = ctx.models.stats(ta, role)[f"{role}_params"]
             prev, prev_role = ta, role
             chain.append(name)
         chain.append(str(cfg.student.name))
         out["chain"] = " -> ".join(chain)
         log.info("chain: %s", out["chain"])
-        student = ctx.build_model(cfg.student)
-        fit = ctx.distill(student, prev, cfg.student)
+        student = ctx.models.build(cfg.student)
+        fit = ctx.distiller.distill(student, prev, cfg.student)
         out.update(fit.as_summary("student"))
-        out.update(ctx.model_stats(student, "student"))
+        out.update(ctx.models.stats(student, "student"))
         return out
