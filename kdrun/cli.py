@@ -23,8 +23,9 @@ import tempfile
 import hydra
 from omegaconf import DictConfig
 
+from kdrun import __version__
 from kdrun.config import CONF_DIR, check_overrides, component_class, normalize_argv, register_resolvers, set_search_path
-from kdrun.config.command_line import check_command_line, split_argv
+from kdrun.config.command_line import EXCLUDE_KEYS, check_command_line, job_dirname_override, split_argv
 from kdrun.errors import ConfigError, Interrupted, KdrunError
 
 # Jobs of parallel and cluster launchers run in other processes; whichever way they load the task
@@ -179,7 +180,10 @@ def resume_command(argv: list[str], run_dir: str, multirun: bool) -> str:
     import shlex
 
     dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    keep = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in (dir_key, "trainer.resume")]
+    # kdrun's own list of the keys left out of the job folders' names goes too: it is derived again
+    # (with trainer.resume in it), so that the resumed jobs find their folders
+    drop = (dir_key, "trainer.resume", EXCLUDE_KEYS)
+    keep = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in drop]
     return shlex.join(["kdrun", *keep, f"{dir_key}={run_dir}", "trainer.resume=true"])
 
 
@@ -264,10 +268,13 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str]) -> None:
     if not sys.stdout.isatty():
         os.environ.setdefault("COLUMNS", "160")  # rich wraps at 80 columns in logs and pipes otherwise
+    if "--version" in split_argv(argv)[0]:  # kdrun's version, not Hydra's
+        print(f"kdrun {__version__}", flush=True)
+        return
     register_resolvers()
-    argv = normalize_argv(argv)
     set_search_path(argv)
     try:
+        argv = normalize_argv(argv)
         check_overrides(argv)
         check_plugins(argv)
         check_command_line(argv)
@@ -280,6 +287,8 @@ def _main(argv: list[str]) -> None:
         scratch = tempfile.mkdtemp(prefix=f"kdrun-rank{rank}-hydra-")
         argv = argv + [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     flags, overrides = split_argv(argv)  # Hydra's parser takes its flags only before the overrides
+    if "-m" in flags or "--multirun" in flags:  # job folders named by their swept values
+        overrides += job_dirname_override(overrides)
     sys.argv = [sys.argv[0] if sys.argv else "kdrun"] + flags + overrides
     try:
         _hydra_entry()

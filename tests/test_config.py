@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from kdrun.config import CONF_DIR, _split_sweep, check_overrides, compose, group_options, loss_name, model_node
+from kdrun.config import CONF_DIR, check_overrides, compose, group_options, loss_name, model_node
 from kdrun.errors import ConfigError
 
 
@@ -36,7 +36,7 @@ def test_role_keys_live_in_the_root_config():
     for path in (CONF_DIR / "model").glob("*.yaml"):
         assert not role_keys & set(OmegaConf.load(path)), path.name
     cfg = compose(["teacher=wrn_40_2", "student=mobilenetv2", "teacher.epochs=7"])
-    assert role_keys <= set(cfg.teacher) and set(cfg.student) == {"_target_", "name", "lr"}
+    assert role_keys <= set(cfg.teacher) and set(cfg.student) == {"_target_", "name", "lr", "quantize"}
     assert (cfg.teacher.name, cfg.teacher.epochs, cfg.teacher.checkpoint, cfg.student.lr) == ("wrn_40_2", 7, None, None)
     # the CRD recipe's lr 0.01 of MobileNetV2/ShuffleNet students comes from the experiment file
     assert compose(["experiment=cifar100/vgg13_mv2"]).student.lr == 0.01
@@ -60,9 +60,15 @@ def test_unknown_names_are_one_line_with_the_choices():
 
 
 def test_sweep_values_are_split():
-    assert _split_sweep("kd,kd+fitnet") == ["kd", "kd+fitnet"]
-    assert _split_sweep("[kd,fitnet]") == ["kd", "fitnet"]
-    assert _split_sweep("choice(kd, at)") == ["kd", "at"]
+    from kdrun.config import chosen_names, parse_override
+
+    def names(text):
+        return chosen_names(parse_override(text))
+
+    assert names("loss=kd,kd+fitnet") == ["kd", "kd+fitnet"]
+    assert names("loss=[kd,fitnet]") == ["kd", "fitnet"]
+    assert names("loss=choice(kd, at)") == ["kd", "at"]
+    assert names("loss=glob([kd,d*],exclude=dkd)") == ["dist", "kd"]  # the group's options, sorted
 
 
 def test_quickstart_experiment_sets_compare_baseline():

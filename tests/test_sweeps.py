@@ -91,6 +91,23 @@ def test_failed_jobs_are_rows_the_sweep_goes_on_and_the_exit_code_is_1(grid):
     assert rows[0]["error"] == "loss.kd.temperature=-1.0 must be > 0" and rows[0]["student_top1_best"] == ""
 
 
+def test_job_dirs_are_named_by_their_swept_values(grid):
+    _, sweep_dir = grid
+    names = ["0_loss.kd.temperature=-1,loss=kd", "1_loss.kd.temperature=4,loss=kd",  # key=value sorted, as Hydra's
+             "2_loss.kd.temperature=-1,loss=kd+fitnet", "3_loss.kd.temperature=4,loss=kd+fitnet"]
+    assert [Path(r["job_dir"]).name for r in read_csv(sweep_dir / "results.csv")] == names
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == names
+
+
+def test_hydra_glob_sweeps_a_group(shared, grid):
+    # Hydra's sweep syntax: glob() over the loss group (the teacher comes from the store the grid filled)
+    proc, sweep_dir = sweep(shared, "glob", "loss=glob([kd,dist])")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_csv(sweep_dir / "results.csv")
+    assert [(r["job"], r["loss"], r["status"]) for r in rows] == [("0", "dist", "ok"), ("1", "kd", "ok")]
+    assert [Path(r["job_dir"]).name for r in rows] == ["0_loss=dist", "1_loss=kd"]
+
+
 def test_python_m_kdrun_report_rebuilds_the_same_table(grid, tmp_path):
     _, sweep_dir = grid
     table = sweep_dir / "results.csv"
@@ -127,6 +144,8 @@ def test_parallel_launcher_two_jobs_at_once(shared, grid):
     assert proc.returncode == 1, proc.stderr[-2000:]
     rows = read_csv(sweep_dir / "results.csv")
     assert [(r["loss.kd.temperature"], r["status"]) for r in rows] == [("1", "ok"), ("-1", "failed")]
+    # the job dirs are named in the joblib workers too
+    assert [Path(r["job_dir"]).name for r in rows] == ["0_loss.kd.temperature=1", "1_loss.kd.temperature=-1"]
     if sys.modules["torch"].cuda.device_count() == 0:
         assert rows[0]["device"] == "cpu"  # trainer.device=auto: pinning to GPUs is a no-op on CPU
 

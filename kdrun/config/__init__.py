@@ -6,6 +6,7 @@ Nothing else in kdrun calls ``hydra.utils.instantiate``: :func:`instantiate` is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,7 +16,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdrun.errors import ConfigError, choices_text
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def _conf_dir() -> Path:
+    """kdrun's config dir: ``kdrun/conf`` in an installed wheel (the repository's top-level conf/,
+    shipped as the package ``kdrun.conf``), else conf/ beside the package (a source checkout or an
+    editable install)."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "conf"
+    return shipped if (shipped / "train.yaml").is_file() else package.parent / "conf"
+
+
+CONF_DIR = _conf_dir()
 
 #: groups whose option may be a `+`-joined combination: loss terms (merged), teachers (a list)
 COMBO_GROUPS = ("loss", "teacher")
@@ -30,14 +41,25 @@ def set_search_path(argv: Iterable[str]) -> list[Path]:
     """Take the ``hydra.searchpath`` of a command line (``file://`` entries and plain paths)."""
     dirs: list[Path] = []
     for arg in argv:
-        key, sep, value = arg.partition("=")
+        key, sep, _ = arg.partition("=")
         if sep and key.lstrip("+") == "hydra.searchpath":
-            for entry in _split_sweep(value):
+            for entry in _search_entries(arg):
                 if entry.startswith("file://") or "://" not in entry:
                     dirs.append(Path(entry.removeprefix("file://")).expanduser())
     _SEARCH_DIRS[:] = dirs
     register_model_roles()
     return dirs
+
+
+def _search_entries(arg: str) -> list[str]:
+    """The entries of a ``hydra.searchpath=[a,b]`` override (one plain entry too); [] when Hydra cannot
+    read it (the command-line checks report that)."""
+    try:
+        value = parse_override(arg).value()
+    except ConfigError:
+        return []
+    items = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+    return [str(v) for v in items if v is not None]
 
 
 def config_dirs() -> list[Path]:
@@ -73,14 +95,64 @@ def config_groups() -> list[str]:
                    | stored) - {"hydra", MODEL_GROUP})
 
 
-def _split_sweep(value: str) -> list[str]:
-    """Values of a command-line choice: `a`, `a,b` (sweep), `[a,b]` (list form)."""
-    value = value.strip()
-    m = re.fullmatch(r"(?:choice|range)\((.*)\)", value)
-    if m:
-        value = m.group(1)
-    value = value.strip("[]")
-    return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+# ---------------------------------------------------------------------------- overrides, as Hydra reads them
+@functools.lru_cache(maxsize=1)
+def _parser():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def parse_override(text: str):
+    """Hydra's parse of one command-line override (an ``Override``); a syntax error is one ConfigError."""
+    try:
+        return _parser().parse_override(text)
+    except Exception as exc:  # noqa: BLE001 - Hydra's parse errors span several lines
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot read the override '{text}': {first}; write KEY=VALUE, quoting values "
+                          "with spaces or brackets, e.g. 'trainer.epochs=10' or 'ta=[resnet56,resnet32]'") from None
+
+
+def glob_options(group: str, glob: Any) -> list[str]:
+    """The options of ``group`` that a Hydra ``glob()`` matches, sub-folder options (``cifar100/r56_r20``)
+    and the search path's included, `a+b` combinations not."""
+    return glob.filter([o for o in group_options(group) if "+" not in o])
+
+
+def sweep_values(ov: Any) -> list[str] | None:
+    """The value of each job of a parsed sweep override, as override text: `a,b`, choice(), range(),
+    sort(), shuffle(), and glob() over the group's options (:func:`glob_options`); None for a sweep
+    that cannot be listed (interval(), a sweeper's own syntax)."""
+    from hydra.core.override_parser.types import Glob
+
+    try:
+        if isinstance(ov.value(), Glob):
+            return glob_options(ov.key_or_group, ov.value())
+        return list(ov.sweep_string_iterator())
+    except Exception:  # noqa: BLE001 - only a sweeper plugin can list it
+        return None
+
+
+def chosen_names(ov: Any) -> list[str] | None:
+    """The option names a parsed group override picks: its value, each element of a list (`[a,b]`),
+    each value of a sweep (:func:`sweep_values`' sweeps; lists in it flattened); `null` for None.
+    None when the sweep cannot be listed."""
+    from hydra.core.override_parser.types import Glob
+
+    value = ov.value()
+    if isinstance(value, Glob):
+        items: list[Any] = glob_options(ov.key_or_group, value)
+    elif ov.is_sweep_override():
+        try:
+            items = list(ov.sweep_iterator())
+        except Exception:  # noqa: BLE001 - interval() and the like
+            return None
+    else:
+        items = [value]
+    names = []
+    for item in items:
+        names.extend("null" if v is None else str(v) for v in (item if isinstance(item, list) else [item]))
+    return names
 
 
 def register_combo(group: str, value: str) -> None:
@@ -200,63 +272,107 @@ def instantiate_model(node: DictConfig, **data: Any) -> Any:
 
 
 def normalize_argv(argv: Iterable[str]) -> list[str]:
-    """Rewrite list choices of combo groups to the `+` form Hydra can select: teacher=[a,b] -> a+b."""
+    """Rewrite the group choices Hydra cannot select as typed (:func:`_normalized`); the rest as is."""
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") == "teacher" and value.strip().startswith("["):
-            arg = f"{key}={'+'.join(_split_sweep(value))}"
+        if sep and not arg.startswith("-") and ("glob(" in value or (key.lstrip("+~") == "teacher" and "[" in value)):
+            arg = _normalized(arg)
         out.append(arg)
     return out
+
+
+def _normalized(arg: str) -> str:
+    """A group's glob() as the list of the options it matches (Hydra's own glob sees neither sub-folder
+    options such as experiment=cifar100/r56_r20 nor kdrun's model roles): `experiment=glob(cifar100/*)`
+    -> `experiment=cifar100/r110_r20,...`; a list choice of the teacher group as its `+` form:
+    teacher=[a,b] -> a+b, and in a sweep [a,b],[c,d] -> a+b,c+d. Unreadable text is left to the checks."""
+    from hydra.core.override_parser.types import Glob
+
+    try:
+        ov = parse_override(arg)
+    except ConfigError:
+        return arg
+    key, value = arg.partition("=")[0], ov.value()
+    if isinstance(value, Glob):
+        matches = glob_options(ov.key_or_group, value) if ov.key_or_group in config_groups() else []
+        return f"{key}={','.join(matches)}" if matches else arg
+    if ov.key_or_group != "teacher" or ov.is_delete():
+        return arg
+    try:
+        items = list(ov.sweep_iterator()) if ov.is_sweep_override() else [value]
+    except Exception:  # noqa: BLE001 - not a list of model names: the checks say so
+        return arg
+    if not any(isinstance(item, list) for item in items):
+        return arg
+    return f"{key}={','.join('+'.join(map(str, i)) if isinstance(i, list) else str(i) for i in items)}"
 
 
 def check_overrides(overrides: Iterable[str]) -> None:
     """Check group choices on the command line before Hydra composes; register `a+b` combos.
 
-    Raises ConfigError with one line naming the bad value and the valid choices.
+    Every value a choice can take counts, as Hydra's parser reads it: lists, and each value of a sweep
+    (`a,b`, choice(), range(), sort(), shuffle(), glob()). Raises ConfigError with one line naming the
+    bad value and the valid choices.
     """
-    from kdrun.config.checks import did_you_mean
+    from hydra.core.override_parser.types import Glob
 
     groups = set(config_groups())
     list_keys = model_list_keys()
-    for ov in overrides:
-        if "=" not in ov or ov.startswith("hydra"):
+    for text in overrides:
+        key = text.partition("=")[0].lstrip("+~")
+        if "=" not in text or text.startswith("hydra") or "${" in text or key not in groups.union(list_keys):
             continue
-        key, value = ov.split("=", 1)
-        key = key.lstrip("+~")
-        if key in list_keys and "${" not in value and value.strip() not in ("null", ""):
-            valid = [o for o in group_options(MODEL_GROUP) if "+" not in o]  # the model configs
-            for part in _split_sweep(value.replace("+", ",")):
-                if part not in valid:
-                    raise ConfigError(f"unknown model '{part}' in {key}={value}{did_you_mean(part, valid)}; "
-                                      f"valid: {choices_text(valid)}")
+        ov = parse_override(text)
+        names = None if ov.is_delete() else chosen_names(ov)
+        if names is None:
             continue
-        if key not in groups or "${" in value:
+        if key in list_keys:
+            _check_model_list(key, text, names)
             continue
-        valid = group_options(key)
-        for v in _split_sweep(value):
-            if v in ("null", "none") and key in ("experiment",):
-                continue
-            if "+" in v and key not in COMBO_GROUPS:
-                raise ConfigError(
-                    f"{key}={v}: only {', '.join(COMBO_GROUPS)} options combine with '+'; "
-                    f"valid {key} choices: {choices_text(valid)}"
-                )
-            parts = v.split("+") if key in COMBO_GROUPS else [v]
-            for part in parts:
-                if part not in valid:
-                    what = "loss term" if key == "loss" and len(parts) > 1 else key
-                    where = f" in '{v}'" if len(parts) > 1 else ""
-                    raise ConfigError(f"unknown {what} '{part}'{where}{did_you_mean(part, valid)}; "
-                                      f"valid: {choices_text(valid)}")
-            if len(parts) > 1:
-                if len(set(parts)) != len(parts):
-                    twice = next(part for part in parts if parts.count(part) > 1)
-                    what = "term" if key == "loss" else "teacher"
-                    raise ConfigError(f"{key}={v} names the {what} {twice} twice; name each {what} once")
-                if "none" in parts:
-                    raise ConfigError(f"{key}={v}: 'none' cannot be combined with other terms")
-                register_combo(key, v)
+        if not names and isinstance(ov.value(), Glob):
+            raise ConfigError(f"{text} matches no {key} option; valid: {choices_text(group_options(key))}")
+        for name in names:
+            _check_choice(key, name)
+
+
+def _check_model_list(key: str, text: str, names: list[str]) -> None:
+    """The models of a model-list key (ta, peers): `a+b`, `[a,b]` or a sweep of those."""
+    from kdrun.config.checks import did_you_mean
+
+    valid = [o for o in group_options(MODEL_GROUP) if "+" not in o]  # the model configs
+    for part in (p for name in names if name not in ("null", "") for p in name.split("+") if p):
+        if part not in valid:
+            raise ConfigError(f"unknown model '{part}' in {text}{did_you_mean(part, valid)}; "
+                              f"valid: {choices_text(valid)}")
+
+
+def _check_choice(key: str, value: str) -> None:
+    """One option of the group ``key``: a name of it, or for COMBO_GROUPS a `+` combination of
+    names (registered as a config, :func:`register_combo`)."""
+    from kdrun.config.checks import did_you_mean
+
+    valid = group_options(key)
+    if value in ("null", "none") and key == "experiment":
+        return
+    if "+" in value and key not in COMBO_GROUPS:
+        raise ConfigError(f"{key}={value}: only {', '.join(COMBO_GROUPS)} options combine with '+'; "
+                          f"valid {key} choices: {choices_text(valid)}")
+    parts = value.split("+") if key in COMBO_GROUPS else [value]
+    for part in parts:
+        if part not in valid:
+            what = "loss term" if key == "loss" and len(parts) > 1 else key
+            where = f" in '{value}'" if len(parts) > 1 else ""
+            raise ConfigError(f"unknown {what} '{part}'{where}{did_you_mean(part, valid)}; "
+                              f"valid: {choices_text(valid)}")
+    if len(parts) > 1:
+        if len(set(parts)) != len(parts):
+            twice = next(part for part in parts if parts.count(part) > 1)
+            what = "term" if key == "loss" else "teacher"
+            raise ConfigError(f"{key}={value} names the {what} {twice} twice; name each {what} once")
+        if "none" in parts:
+            raise ConfigError(f"{key}={value}: 'none' cannot be combined with other terms")
+        register_combo(key, value)
 
 
 def component_class(node: Any) -> type:
@@ -301,9 +417,27 @@ def loss_name(loss: Any) -> str:
     return "+".join(keys) if keys else "none"
 
 
+#: the longest swept-values part of a sweep job's folder name (file names end at 255 bytes)
+MAX_JOB_DIRNAME = 150
+
+
+def _job_dirname(dirname: Any, *, _root_: DictConfig) -> str:
+    """The name of a sweep job's folder after its number (``hydra.sweep.subdir`` in train.yaml): the
+    job's ``${hydra.job.override_dirname}``, which kdrun restricts to the swept keys, e.g.
+    ``loss.kd.alpha=0.9,loss.kd.temperature=4`` (:func:`kdrun.config.command_line.job_dirname_override`),
+    as a safe file name: `/` becomes `-` (experiment=cifar100/r56_r20 -> experiment=cifar100-r56_r20),
+    any other character but letters, digits and ``._,=+@%[]-`` becomes `_`. Where nothing is swept
+    (``kdrun -m`` of single values), the run's name, :func:`_run_name`. A search sweeper's trials
+    (Optuna) are named by the values drawn: those are not on the command line."""
+    name = re.sub(r"[^\w.,=+@%\[\]-]", "_", str(dirname or "").replace("/", "-"))[:MAX_JOB_DIRNAME]
+    return name or _run_name(_root_=_root_)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("kdrun_run_name"):
         OmegaConf.register_new_resolver("kdrun_run_name", _run_name)
+    if not OmegaConf.has_resolver("kdrun_job_dirname"):
+        OmegaConf.register_new_resolver("kdrun_job_dirname", _job_dirname)
 
 
 def compose(overrides: Iterable[str] = (), config_name: str = "train") -> DictConfig:
@@ -312,12 +446,13 @@ def compose(overrides: Iterable[str] = (), config_name: str = "train") -> DictCo
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = normalize_argv(overrides)
+    overrides = list(overrides)
     register_resolvers()
     if any(o.split("=", 1)[0].lstrip("+") == "hydra.searchpath" for o in overrides):
         set_search_path(overrides)
     elif _SEARCH_DIRS:
         overrides = [*overrides, *search_path_overrides()]
+    overrides = normalize_argv(overrides)
     check_overrides(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
@@ -352,7 +487,8 @@ def build_knowledge(loss_cfg, ce_weight="auto"):
     terms = {}
     for name, node in (loss_cfg or {}).items():
         if node is None or "_target_" not in node:
-            raise ConfigError(f"loss.{name} has no _target_; is conf/loss/{name}.yaml missing '# @package loss.{name}'?")
+            raise ConfigError(f"loss.{name} has no _target_; is conf/loss/{name}.yaml missing "
+                              f"'# @package loss.{name}'?")
         terms[name] = instantiate(node)
     return KnowledgeSet(terms, ce_weight)
 
@@ -367,7 +503,8 @@ def optimizer_factory(optim: Any):
             return partial(params)
         except (TypeError, ValueError) as exc:  # a key the optimizer does not take, or a value it refuses
             raise ConfigError(f"optim._target_={optim.get('_target_')} refuses its settings ({_first_line(exc)}); "
-                              "every key of optim except _target_/_partial_ must be an argument of that class") from None
+                              "every key of optim except _target_/_partial_ must be an argument of that class"
+                              ) from None
 
     return make
 
@@ -381,7 +518,8 @@ def schedule_factory(sched: Any):
             return partial(base_lr, epochs, steps_per_epoch)
         except TypeError as exc:  # a key the schedule does not take
             raise ConfigError(f"sched._target_={sched.get('_target_')} refuses its settings ({_first_line(exc)}); "
-                              "every key of sched except _target_/_partial_ must be an argument of that class") from None
+                              "every key of sched except _target_/_partial_ must be an argument of that class"
+                              ) from None
 
     return make
 

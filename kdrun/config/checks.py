@@ -125,6 +125,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.get(role) is not None:
             _validate_model(cfg, role)
     _validate_loss(cfg)
+    _validate_loggers(cfg)
     _validate_finite(cfg, "scheme")
     if cfg.get("dataset") is not None:
         from kdrun.data import check_dataset_config
@@ -219,6 +220,8 @@ def _validate_model(cfg: DictConfig, role: str) -> None:
         integer(cfg, f"{role}.cache_topk", 1, optional=True)
     if "cache_dtype" in node:
         choice(cfg, f"{role}.cache_dtype", ("auto", "float32", "float16", "bfloat16"))
+    if "quantize" in node and _get(cfg, f"{role}.quantize") is not None:
+        choice(cfg, f"{role}.quantize", ("int8",))
     _validate_model_name(cfg, role)
     if node.get("pretrained") is not None:
         _existing_file(cfg, f"{role}.pretrained", _get(cfg, f"{role}.pretrained"),
@@ -271,6 +274,22 @@ def _existing_file(cfg: DictConfig, key: str, value: Any, fix: str) -> None:
     else:
         return
     raise ConfigError(f"{key}={value}: {problem}; {fix}")
+
+
+def _validate_loggers(cfg: DictConfig) -> None:
+    """Each selected tracker (conf/logger) imports, its package is installed (else one line naming the
+    kdrun extra) and its class accepts its settings (``Tracker.check``)."""
+    loggers = cfg.get("logger")
+    if not isinstance(loggers, DictConfig):
+        return
+    from kdrun.config import component_class
+
+    for name in loggers.keys():
+        node = loggers[name]
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"logger.{name} has no _target_; is conf/logger/{name}.yaml missing "
+                              f"'# @package logger.{name}'?")
+        component_class(node).check(str(name), node)
 
 
 # ---------------------------------------------------------------------------- loss terms

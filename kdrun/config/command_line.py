@@ -61,40 +61,50 @@ def is_hydra(text: str) -> bool:
 
 def parse(overrides: list[str]) -> list:
     """Hydra's parse of every override; a syntax error is one line naming the override."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from kdrun.config import parse_override
 
-    parser = OverridesParser.create()
-    parsed = []
-    for text in overrides:
-        try:
-            parsed.append(parser.parse_override(text))
-        except Exception as exc:  # noqa: BLE001 - Hydra's parse errors span several lines
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"cannot read the override '{text}': {first}; write KEY=VALUE, quoting values "
-                              "with spaces or brackets, e.g. 'trainer.epochs=10' or 'ta=[resnet56,resnet32]'") from None
-    return parsed
+    return [parse_override(text) for text in overrides]
 
 
 def jobs_of(overrides: list[str], parsed: list) -> list[list[str]] | None:
-    """The override lists of a sweep's jobs (Hydra's basic sweeper: the product of every comma list,
-    choice(), range() and, for groups, glob()); None when a value cannot be listed (e.g. interval())."""
-    from kdrun.config import group_options
+    """The override lists of a sweep's jobs (Hydra's basic sweeper: the product of every sweep's
+    values, :func:`kdrun.config.sweep_values`); None when a value cannot be listed (e.g. interval())."""
+    from kdrun.config import sweep_values
 
     axes = []
     for text, ov in zip(overrides, parsed):
         if not ov.is_sweep_override():
             axes.append([text])
             continue
-        key = text.split("=", 1)[0]
-        try:
-            if type(ov.value()).__name__ == "Glob":
-                values = ov.value().filter(group_options(ov.key_or_group))
-            else:
-                values = list(ov.sweep_string_iterator())
-        except Exception:  # noqa: BLE001 - sweeps only a sweeper plugin understands
+        values = sweep_values(ov)
+        if values is None:  # sweeps only a sweeper plugin understands
             return None
+        key = text.split("=", 1)[0]
         axes.append([f"{key}={v}" for v in values])
     return [list(job) for job in itertools.product(*axes)]
+
+
+#: Hydra's list of the keys its ``${hydra.job.override_dirname}`` leaves out
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
+
+
+def job_dirname_override(overrides: list[str]) -> list[str]:
+    """The override that makes each sweep job's folder name show its swept values: Hydra's
+    ``override_dirname`` (used by ``hydra.sweep.subdir`` in conf/train.yaml) then leaves out every
+    key the command line gives one value. [] when there is none, or the command line sets the list."""
+    from kdrun.config import parse_override
+
+    fixed: list[str] = []
+    for text in overrides:
+        if key_of(text) == EXCLUDE_KEYS:
+            return []
+        try:
+            ov = None if is_hydra(text) else parse_override(text)
+        except ConfigError:  # only where nothing runs (--cfg, --help): Hydra says what it cannot read
+            continue
+        if ov is not None and not ov.is_sweep_override() and ov.key_or_group not in fixed:
+            fixed.append(ov.key_or_group)
+    return [f"{EXCLUDE_KEYS}=[{','.join(repr(k) for k in fixed)}]"] if fixed else []
 
 
 def check_command_line(argv: list[str]) -> None:

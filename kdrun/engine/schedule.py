@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import math
 
-
-
 log = logging.getLogger("kdrun")
 
 
