@@ -116,6 +116,45 @@ def make_epoch_plan(
     return EpochPlan(order=order, dy=dy, dx=dx, flip=flip, bounds=bounds, n_flip=n_flip)
 
 
+#: a batch is split over data-parallel ranks only when every share holds at least this many images
+#: (BatchNorm needs two samples to compute batch statistics)
+MIN_SHARE = 2
+
+
+def share(batch: int, rank: int, size: int) -> tuple[int, int]:
+    """``(lo, hi)``: rank ``rank``'s contiguous share of a batch of ``batch`` images split over
+    ``size`` ranks (shares differ by at most one image; their union is the batch)."""
+    return rank * batch // size, (rank + 1) * batch // size
+
+
+def sharded_batches(bounds: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The batches of ``bounds`` that are split over ``size`` ranks: those whose smallest share holds
+    at least :data:`MIN_SHARE` images (only a short final batch can fall below; it is left out on
+    every rank, so all ranks take the same number of steps)."""
+    return [(start, stop) for start, stop in bounds if (stop - start) // size >= MIN_SHARE]
+
+
+def shard_plan(plan: EpochPlan, rank: int, size: int) -> EpochPlan:
+    """Rank ``rank``'s part of every batch of ``plan`` (of ``size`` ranks), as a plan of its own.
+
+    Batch ``b`` of the result holds the positions :func:`share` gives this rank in batch ``b`` of
+    ``plan`` (see :func:`sharded_batches`), with their crops and flips: augmenting it gives exactly
+    those images of the one-process batch, and the ranks' batches together are that batch. The
+    mirrored samples stay first in each batch (the local ``n_flip`` is the mirrored part of the share).
+    """
+    positions, bounds, n_flip = [], [], []
+    flips = dict(zip(plan.bounds, plan.n_flip))
+    for start, stop in sharded_batches(plan.bounds, size):
+        lo, hi = share(stop - start, rank, size)
+        positions.append(torch.arange(start + lo, start + hi))
+        first = bounds[-1][1] if bounds else 0
+        bounds.append((first, first + hi - lo))
+        n_flip.append(min(max(flips[(start, stop)] - lo, 0), hi - lo))
+    idx = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
+    return EpochPlan(order=plan.order[idx], dy=plan.dy[idx], dx=plan.dx[idx], flip=plan.flip[idx],
+                     bounds=bounds, n_flip=n_flip)
+
+
 class ImageStore:
     """``N`` images of ``H x W x C`` uint8 pixels in one flat buffer, ready for crop gathers.
 

@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kdrun.data.augment import BatchAugmenter, ImageStore, batch_bounds, make_epoch_plan
+from kdrun.data.augment import (
+    BatchAugmenter,
+    ImageStore,
+    batch_bounds,
+    make_epoch_plan,
+    shard_plan,
+    sharded_batches,
+    share,
+)
 from kdrun.errors import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -74,11 +82,40 @@ class DataModule(abc.ABC):
                 f"batch_size={batch_size} gives no training batch for the {info.n_train} "
                 f"training images of {info.name} (drop_last={drop_last}); lower the batch size"
             )
+        self._shard: tuple[int, int] | None = None  # (rank, ranks) of data-parallel training
+        self._share_factors: list[float] = []
+
+    def shard(self, rank: int, size: int) -> None:
+        """Make :meth:`train_batches` yield rank ``rank``'s share of every batch (of ``size`` ranks).
+
+        Every rank draws the same epoch plan and augments only its own contiguous share of each
+        batch (:func:`kdrun.data.augment.shard_plan`); the shares of all ranks together are the
+        batch one process trains on. A final batch too short to give every rank two images is left
+        out. ``size`` 1: the whole batches again.
+        """
+        if size <= 1:
+            self._shard, self._share_factors = None, []
+            return
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} is not one of {size} ranks")
+        self._shard, self._share_factors = (rank, size), []
+        for start, stop in sharded_batches(self._bounds, size):
+            lo, hi = share(stop - start, rank, size)
+            self._share_factors.append((hi - lo) * size / (stop - start))
+        if not self._share_factors:
+            raise ConfigError(f"batch_size={self.batch_size} is too small to split over {size} processes; "
+                              f"use at least {2 * size}")
+
+    def share_factor(self, batch: int) -> float:
+        """This rank's share of batch ``batch``'s images times the number of ranks: 1.0 for equal
+        shares (and in one process). A rank's mean loss times it, averaged over the ranks, is the
+        whole batch's mean loss."""
+        return self._share_factors[batch] if self._shard is not None else 1.0
 
     @property
     def steps_per_epoch(self) -> int:
         """Number of batches :meth:`train_batches` yields per epoch."""
-        return len(self._bounds)
+        return len(self._share_factors) if self._shard is not None else len(self._bounds)
 
     @property
     def eval_steps(self) -> int:
@@ -88,7 +125,7 @@ class DataModule(abc.ABC):
     def _plan(self, epoch: int):
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        return make_epoch_plan(
+        plan = make_epoch_plan(
             self.info.n_train,
             self.batch_size,
             seed=self.seed,
@@ -97,6 +134,7 @@ class DataModule(abc.ABC):
             hflip=self.hflip,
             drop_last=self.drop_last,
         )
+        return plan if self._shard is None else shard_plan(plan, *self._shard)
 
     @abc.abstractmethod
     def train_batches(self, epoch: int, with_index: bool = False) -> Iterator[Batch]:

@@ -10,11 +10,16 @@ the augmentation seed, batch size, taps, precision) and ``epoch<e>.pt`` with eve
 of epoch ``e``, concatenated. Files are written atomically when an epoch completes; a later run that
 needs more batches of an epoch than a file holds recomputes that epoch and rewrites it.
 
-Storage: fp32 when the teacher runs in fp32 (the cached logits are then bit-identical to computed
-ones), fp16 under autocast (bf16 values convert to fp16 exactly in the range logits take). With
-``topk=k`` only the top-k logits of each sample are kept with their log-sum-exp; the rest of the
-probability mass is spread evenly over the other classes when the logits are rebuilt, so softmax at
-T=1 gives the teacher's exact top-k probabilities.
+Storage (``cache_dtype``): ``auto`` keeps every output in the dtype the teacher computed it in
+(fp32 in fp32 runs; under autocast what autocast gave, bf16 or fp16), and a read gives it back in
+that dtype and memory format: cached outputs are then the very tensors a teacher forward gives, so a
+run that reads them trains bit-for-bit as one that computes them, in every precision. An explicit
+``float16``/``bfloat16``/``float32`` stores that dtype and converts back to the computed one when
+read (exact only where the values fit the stored dtype: bf16 values in fp16's normal range, about
+6e-5 to 65504 in magnitude, do; smaller ones lose bits). With ``topk=k`` only the top-k logits of
+each sample are kept with their log-sum-exp; the rest of the probability mass is spread evenly over
+the other classes when the logits are rebuilt, so softmax at T=1 gives the teacher's exact top-k
+probabilities (not exact: a run that reads them is not the run that computes them).
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ def expand_topk(packed: dict, num_classes: int) -> torch.Tensor:
 
 
 class TeacherCache:
-    def __init__(self, root: str | Path, key: dict, device: torch.device, dtype: torch.dtype,
+    """``dtype``: the storage dtype, or None to keep each output's own (exact). ``hits``: batches read
+    from the cache, ``misses``: batches the teacher computed (and stored) in this run."""
+
+    def __init__(self, root: str | Path, key: dict, device: torch.device, dtype: torch.dtype | None,
                  topk: int | None = None, num_classes: int | None = None) -> None:
         self.dir = Path(root) / recipe_hash(key)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -86,13 +94,18 @@ class TeacherCache:
         return self._slice(loaded, batch)
 
     def _slice(self, loaded: dict, batch: int) -> dict:
+        """Batch ``batch``'s outputs in the dtype and memory format the teacher computed them in
+        (fp32 for files that do not say)."""
         lo, hi = loaded["offsets"][batch], loaded["offsets"][batch + 1]
+        dtypes, channels_last = loaded.get("dtypes", {}), set(loaded.get("channels_last", ()))
         out = {}
         for name, value in loaded["taps"].items():
             if name == "logits" and isinstance(value, dict):
                 out[name] = expand_topk({k: v[lo:hi] for k, v in value.items()}, self.num_classes)
-            else:
-                out[name] = value[lo:hi].float()
+                continue
+            out[name] = value[lo:hi].to(getattr(torch, dtypes.get(name, "float32")))
+            if name in channels_last:
+                out[name] = out[name].contiguous(memory_format=torch.channels_last)
         return out
 
     def store(self, epoch: int, batch: int, taps: dict) -> None:
@@ -112,14 +125,17 @@ class TeacherCache:
         offsets = [0]
         for item in pending:
             offsets.append(offsets[-1] + next(iter(item.values())).shape[0])
-        taps = {}
-        for name in pending[0]:
+        taps, dtypes, channels_last = {}, {}, []
+        for name, first in pending[0].items():
             value = torch.cat([item[name] for item in pending])
+            dtypes[name] = str(first.dtype).removeprefix("torch.")
+            if first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous():
+                channels_last.append(name)
             if name == "logits" and self.topk:
                 taps[name] = {k: v.cpu() for k, v in compress_topk(value, self.topk).items()}
             else:
-                taps[name] = value.to(self.dtype).cpu()
-        payload = {"offsets": offsets, "taps": taps}
+                taps[name] = (value if self.dtype is None else value.to(self.dtype)).cpu()
+        payload = {"offsets": offsets, "taps": taps, "dtypes": dtypes, "channels_last": channels_last}
         atomic_write(self.path(epoch), lambda f: torch.save(payload, f), mode="wb")
 
     def size_note(self) -> str:
@@ -128,10 +144,10 @@ class TeacherCache:
         return f"{len(files)} epochs, {total / 2**20:.1f} MiB in {self.dir}"
 
 
-def cache_dtype(spec: str, amp_dtype: torch.dtype | None) -> torch.dtype:
-    if spec == "float32" or (spec == "auto" and amp_dtype is None):
-        return torch.float32
-    return torch.float16
+def cache_dtype(spec: str) -> torch.dtype | None:
+    """``teacher.cache_dtype``: None for ``auto`` (each output in the dtype it was computed in: exact)."""
+    return None if spec == "auto" else {"float32": torch.float32, "float16": torch.float16,
+                                        "bfloat16": torch.bfloat16}[spec]
 
 
 def estimate_epoch_bytes(shapes: dict, n_train: int, taps: set[str], itemsize: int) -> int:

@@ -66,6 +66,7 @@ class FitResult:
     images_per_second: float = float("nan")
     history: list[dict] = field(default_factory=list)
     models: dict[str, "FitResult"] = field(default_factory=dict)  # per model/exit when several are scored
+    counts: dict[str, int] = field(default_factory=dict)  # what the stage's helpers counted (summary keys as given)
 
     def state(self) -> dict:
         """Everything recorded so far (saved in last.pt): a resumed fit then reports best/last
@@ -85,6 +86,7 @@ class FitResult:
             f"{prefix}_best_epoch": self.best_epoch,
             f"{prefix}_train_seconds": round(self.train_seconds, 3),
             f"{prefix}_images_per_second": self.images_per_second,
+            **self.counts,
         }
 
 
@@ -103,16 +105,15 @@ class _Optimization:
             group["lr"] = lr
         return lr
 
-    def step(self, loss: torch.Tensor, world: dist.World) -> None:
+    def step(self, loss: torch.Tensor) -> None:
+        """One backward pass and update (under torchrun DDP averages the gradients during the backward)."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            dist.average_gradients(self.params, world)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            dist.average_gradients(self.params, world)
             self.optimizer.step()
 
 
@@ -129,6 +130,7 @@ class EpochTotals:
         self.first_loss: torch.Tensor | None = None  # the epoch's first step (divergence is judged against it)
         self.correct: dict = {}  # output name (None: the only one) -> correct predictions
         self.terms: dict[str, torch.Tensor] = {}  # "loss_<term>" -> weighted sum
+        self.steps: list | None = None  # recorded steps for the trackers (None: no sink takes them)
 
     def add(self, loss: torch.Tensor, logits, logs: dict, y: torch.Tensor) -> None:
         b = y.shape[0]
@@ -148,6 +150,11 @@ class EpochTotals:
         first = next(iter(self.correct.values()))
         return f"loss {self.loss_sum.item() / self.seen:.3f}  acc {100.0 * first.item() / self.seen:.1f}%"
 
+    def record_step(self, step: int, loss: torch.Tensor, logs: dict) -> None:
+        """Keep step ``step``'s loss, weighted term losses and lr for the trackers (device tensors: no sync)."""
+        values = torch.stack([loss.detach().float(), *(torch.as_tensor(v).detach().float() for v in logs.values())])
+        self.steps.append((step, self.lr, ["loss", *logs], values))
+
 
 class Trainer:
     def __init__(self, cfg, data, device: torch.device, amp_dtype: torch.dtype | None, *,
@@ -157,7 +164,8 @@ class Trainer:
         """``cfg``: the run config (reads its ``trainer`` section). ``data``: a DataModule.
         ``optimizer(params, lr)`` and ``schedule(base_lr, epochs, steps_per_epoch)`` build a stage's
         optimizer and lr schedule (kdrun.config.optimizer_factory / schedule_factory of the optim and
-        sched configs). ``world``: the data-parallel processes (each takes its share of every batch).
+        sched configs). ``world``: the data-parallel processes: each augments and trains on its share
+        of every batch (``data`` is sharded here), what a stage trains is wrapped in DDP.
         ``dry``: the preflight: :meth:`fit` takes one step on two images, :meth:`evaluate` scores two."""
         self.cfg = cfg
         self.tcfg = cfg.trainer
@@ -168,6 +176,9 @@ class Trainer:
         self.world = world
         self.dry = dry
         self.progress = progress and world.is_main and not dry
+        self._step_sinks: list = []  # the metrics sinks of the stage being fit that take per-step scalars
+        if world.active:
+            data.shard(world.rank, world.size)
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -236,7 +247,10 @@ class Trainer:
     def fit(self, stage: Stage, *, epochs: int, lr: float, ckpt_dir: Path | None,
             metrics: Sequence[MetricsWriter] = (), resume: bool = False, label: str | None = None) -> FitResult:
         """Train ``stage`` for ``epochs`` epochs at base learning rate ``lr``: per epoch the steps,
-        a divergence check, evaluation, one metrics row per scored model, last/best checkpoints."""
+        a divergence check, evaluation, one metrics row per scored model, last/best checkpoints.
+        ``metrics``: sinks with ``truncate(stage, epoch)`` and ``append(row)``; those whose ``wants_steps``
+        is true also get ``log_step(stage, step, scalars)`` (loss, each term's weighted loss, lr) every
+        ``trainer.log_every`` steps and at each epoch's last step, handed over when the epoch ends."""
         if self.dry:
             return self._dry_step(stage, epochs, lr)
         label = label or stage.name
@@ -249,10 +263,14 @@ class Trainer:
             log.info("%s: resuming after epoch %d from %s", label, start, ckpt_dir / "last.pt")
         for m in metrics:  # rows of epochs after the checkpoint (a killed run) are trained again
             m.truncate(stage.name, start)
+        self._step_sinks = [m for m in metrics if getattr(m, "wants_steps", False)]
         first_loss = None
+        step = dist.data_parallel(stage.training_step, [stage.model, *stage.extra_modules().values()], opt.params,
+                                  self.world, sync_bn=bool(self.tcfg.get("sync_bn", False)))
         with EpochProgress(self.progress) as bar:
             for epoch in range(start, epochs):
-                totals = self._train_epoch(stage, epoch, opt, bar, label)
+                totals = self._train_epoch(stage, epoch, opt, bar, label, step)
+                self._log_steps(stage.name, totals)
                 first_loss = totals.first_loss if first_loss is None else first_loss
                 self._check_divergence(label, epoch, lr, opt.params, totals, first_loss)
                 rows = self._score_epoch(stage, epoch, epochs, totals, label, lr)
@@ -269,25 +287,29 @@ class Trainer:
             result.images_per_second = sum(ips) / len(ips)
         return result
 
-    def _train_epoch(self, stage: Stage, epoch: int, opt: "_Optimization", bar: EpochProgress, label: str) -> EpochTotals:
-        """The steps of one epoch; running sums stay on the device (a host sync only for the live bar)."""
+    def _train_epoch(self, stage: Stage, epoch: int, opt: "_Optimization", bar: EpochProgress, label: str,
+                     training_step: Callable | None = None) -> EpochTotals:
+        """The steps of one epoch; running sums stay on the device (a host sync only for the live bar).
+        ``training_step``: the stage's, or its DDP wrapper under torchrun (this rank's share of each batch)."""
+        training_step = training_step or stage.training_step
         stage.train()
         bar.start(f"{label} {epoch + 1}/{opt.epochs}", opt.steps)
         totals = EpochTotals(self.device, lr=opt.base_lr)
+        totals.steps = [] if self._step_sinks else None
         log_every = max(1, int(self.tcfg.log_every))
         for i, (x, y, index) in enumerate(self.data.train_batches(epoch, with_index=True)):
             if i >= opt.steps:
                 break
             totals.lr = opt.set_lr(epoch, i)
-            if self.world.active:
-                share = dist.local_slice(y.shape[0], self.world)
-                x, y, index = x[share], y[share], index[share]
             with self.autocast():
-                loss, logits, logs = stage.training_step(
+                loss, logits, logs = training_step(
                     x, Step(targets=y, index=index, epoch=epoch + i / opt.steps, epochs=opt.epochs, batch=i))
-            opt.step(loss, self.world)
+            share = self.data.share_factor(i) if self.world.active else 1.0
+            opt.step(loss if share == 1.0 else loss * share)  # unequal shares: weigh as in the whole batch
             fault_point("step")
             totals.add(loss, logits, logs, y)
+            if totals.steps is not None and ((i + 1) % log_every == 0 or i + 1 == opt.steps):
+                totals.record_step(epoch * opt.steps + i + 1, loss, logs)  # every epoch's last step too
             if bar.enabled and (i + 1) % log_every == 0:
                 bar.update(i + 1, totals.progress_text())
         if self.device.type == "cuda":
@@ -297,6 +319,19 @@ class Trainer:
         if self.world.active:
             totals.seen = self._reduce_epoch(stage, self.world, totals)
         return totals
+
+    def _log_steps(self, stage_name: str, totals: EpochTotals) -> None:
+        """The epoch's recorded steps to the sinks that take them (``log_step(stage, step, scalars)``):
+        one device-to-host copy per epoch, none inside the steps."""
+        if not totals.steps:
+            return
+        flat = torch.cat([values for *_, values in totals.steps]).cpu().tolist()
+        at = 0
+        for step, lr, names, _ in totals.steps:
+            scalars = dict(zip(names, flat[at:at + len(names)]), lr=lr)
+            at += len(names)
+            for sink in self._step_sinks:
+                sink.log_step(stage_name, step, scalars)
 
     def _score_epoch(self, stage: Stage, epoch: int, epochs: int, totals: "EpochTotals", label: str,
                      lr: float) -> list[dict]:
@@ -372,7 +407,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ bookkeeping
     def _reduce_epoch(self, stage, world, totals: "EpochTotals") -> int:
-        """Sum the epoch's running totals over the ranks (in place) and average BN statistics."""
+        """Sum the epoch's running totals over the ranks (in place) and average BatchNorm statistics."""
         dist.all_reduce_sum(totals.loss_sum, world)
         dist.all_reduce_max(totals.loss_max, world)
         for name in sorted(totals.correct, key=str):
@@ -381,8 +416,7 @@ class Trainer:
             totals.terms[name] = dist.all_reduce_sum(torch.as_tensor(totals.terms[name], device=self.device).clone(),
                                                      world)
         seen = totals.seen
-        for module in (stage.model, *stage.extra_modules().values()):  # BN statistics of adapters and exits too
-            dist.average_buffers(module, world)
+        dist.average_norm_statistics([stage.model, *stage.extra_modules().values()], world)  # adapters', exits' too
         return int(dist.all_reduce_sum(torch.tensor([seen], device=self.device), world).item())
 
     @staticmethod
