@@ -35,7 +35,9 @@ from kdrun.engine.device import amp_name, resolve_amp, resolve_device
 from kdrun.engine.io import clean_temp_files, write_json, write_text
 from kdrun.errors import ConfigError, KdrunError
 from kdrun.knowledge import KnowledgeSet
+from kdrun.models.quantize import int8_report
 from kdrun.runtime import RunContext
+from kdrun.runtime.shipping import ship_student
 
 log = logging.getLogger("kdrun")
 
@@ -201,7 +203,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, overrides: Iterable[
         raise
     finally:
         summary.update(wall_seconds=round(time.perf_counter() - t0, 3), run_dir=str(run_dir), host=platform.node())
-        _finish(cfg, run_dir, world, summary, handler, rejected)
+        _finish(cfg, run_dir, world, summary, handler, rejected, progress.get("log"))
     return summary
 
 
@@ -240,11 +242,15 @@ def _execute(cfg: DictConfig, run_dir: Path, world: dist.World, summary: dict, p
     log.info("preflight: every model, term and adapter of the run built and stepped once (%.1f s)", seconds)
     progress["started"] = True
     ctx = RunContext(cfg, run_dir, data, device, amp_dtype, knowledge, world)
+    progress["log"] = ctx.log  # closed with the final summary (trackers: results, status, artifacts)
     summary.update(scheme.run(ctx))
+    summary.update(int8_summary(ctx))
     if cfg.get("compare_baseline"):
         summary.update(_compare_baseline(ctx, summary))
     for role, src in ctx.teachers.sources.items():
         summary[f"{role}_source"] = src
+    if world.is_main:
+        ship_student(run_dir, cfg.student, data.info, summary)
 
 
 def _start_device(cfg: DictConfig, world: dist.World, summary: dict):
@@ -268,9 +274,11 @@ def _start_device(cfg: DictConfig, world: dist.World, summary: dict):
     return device, amp_dtype
 
 
-def _finish(cfg: DictConfig, run_dir: Path, world: dist.World, summary: dict, handler, rejected: bool) -> None:
-    """summary.json (unless the run dir is being removed), the end of kdrun.log, clean-up. An interrupt
-    while summary.json is written still leaves it (status interrupted), then stops the run."""
+def _finish(cfg: DictConfig, run_dir: Path, world: dist.World, summary: dict, handler, rejected: bool,
+            sinks=None) -> None:
+    """summary.json (unless the run dir is being removed), the end of kdrun.log, the trackers' end
+    (``sinks``: results, status, the run dir as artifacts), clean-up. An interrupt while summary.json
+    is written still leaves it (status interrupted), then stops the run."""
     stop = None
     if not rejected:
         try:
@@ -283,6 +291,8 @@ def _finish(cfg: DictConfig, run_dir: Path, world: dist.World, summary: dict, ha
             log.error("could not write %s: %s", run_dir / "summary.json", exc.strerror or exc)
         _log_outcome(handler, summary, cfg)
     _detach_log_file(handler)
+    if sinks is not None:
+        sinks.close(_finite(summary))
     if rejected or not world.is_main:
         remove_run_dir(run_dir)
     dist.shutdown(world)
@@ -312,7 +322,9 @@ def preflight(scheme, cfg, run_dir, data, device, amp_dtype, knowledge, world) -
     quiet = _Quiet()
     logger.addFilter(quiet)
     try:
-        scheme.run(RunContext(cfg, run_dir, data, device, amp_dtype, knowledge, world, dry=True))
+        ctx = RunContext(cfg, run_dir, data, device, amp_dtype, knowledge, world, dry=True)
+        scheme.run(ctx)
+        int8_summary(ctx)  # a student that does not convert to int8 fails here, before training
     finally:
         logger.removeFilter(quiet)
         torch.random.set_rng_state(cpu_rng)
@@ -352,7 +364,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
 
 #: keys that cannot change a run's result: they may differ when resuming
 RESUME_FREE = ("trainer.resume", "trainer.progress", "trainer.log_every", "trainer.threads", "paths.",
-               "sweep_name", "optimize_metric")
+               "sweep_name", "optimize_metric", "logger")
 _MISSING = object()
 
 
@@ -375,6 +387,25 @@ def remove_run_dir(run_dir: Path) -> None:
     parent = run_dir.parent
     with contextlib.suppress(OSError):
         parent.rmdir()  # only when empty
+
+
+def int8_summary(ctx: RunContext) -> dict:
+    """``student.quantize``: the trained QAT student converted to int8, scored on the CPU beside the
+    same weights in fp32, with both sizes and batch-1 latencies (:func:`kdrun.models.quantize.int8_report`)."""
+    kind = ctx.cfg.student.get("quantize")
+    if not kind:
+        return {}
+    if ctx.models.quantized is None:
+        raise ConfigError(f"student.quantize={kind}: scheme={ctx.cfg.scheme.name} trains no model from student=; "
+                          "use it with a scheme that does (offline, baseline, data_free, born_again, ...)")
+    limit = ctx.cfg.trainer.limit_eval_batches
+    out = int8_report(ctx.models.quantized, ctx.data.eval_batches, None if limit is None else int(limit), dry=ctx.dry)
+    if not ctx.dry:
+        log.info("student %s: test top-1 %.2f%% (same weights in fp32: %.2f%%), %d bytes (fp32 %d, %.1f%%), batch-1 "
+                 "CPU latency %.2f ms (fp32 %.2f ms)", kind, out["student_int8_top1"], out["student_fp32_top1"],
+                 out["student_int8_bytes"], out["student_fp32_bytes"], 100 * out["student_int8_size_ratio"],
+                 out["student_int8_latency_ms"], out["student_fp32_latency_ms"])
+    return out
 
 
 def _compare_baseline(ctx: RunContext, summary: dict) -> dict:

@@ -13,8 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdrun.errors import CheckpointError, ConfigError
-from kdrun.models import ZOO, TapModel, count_macs, count_params, create_model, tap_shapes, timm_model, zoo_model
-from kdrun.models import zoo_cli
+from kdrun.models import (
+    ZOO,
+    TapModel,
+    count_macs,
+    count_params,
+    create_model,
+    tap_shapes,
+    timm_model,
+    zoo_cli,
+    zoo_model,
+)
 
 # Published CIFAR-100 parameter counts in millions (CRD, Tian et al. 2020, and the
 # follow-up benchmarks using its code).  resnet14 is listed as 0.17M in some tables,

@@ -61,13 +61,29 @@ class KnowledgeTerm(nn.Module):
         opinion). KD's Hinton mix asks for ``1 - alpha``."""
         return None
 
+    def own_parameters(self) -> list[nn.Parameter]:
+        """Parameters this term trains itself, by its own optimizer step inside :meth:`forward` (an
+        adversarial term's discriminator): every stage keeps them out of its optimizer (see
+        :meth:`trainable_parameters`). Default: none."""
+        return []
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The term's parameters a stage's optimizer trains: every one that wants a gradient but
+        those of :meth:`own_parameters`."""
+        own = {id(p) for p in self.own_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+
     def init_parameters(self, student: nn.Module) -> list[nn.Parameter]:
         """What the initialisation stage trains. Default: the term's own adapters and every
         student parameter but the classifier's (the student's feature layers)."""
         classifier = getattr(student, "classifier", None)
         skip = {id(p) for p in classifier.parameters()} if classifier is not None else set()
-        own = [p for p in self.parameters() if p.requires_grad]
-        return own + [p for p in student.parameters() if p.requires_grad and id(p) not in skip]
+        return self.trainable_parameters() + [p for p in student.parameters() if p.requires_grad and id(p) not in skip]
+
+    def extra_logs(self) -> dict[str, torch.Tensor]:
+        """Values of the last :meth:`forward` to log beside the loss (not part of it), e.g. the
+        discriminator's own loss: metrics.csv columns named as the keys. Default: none."""
+        return {}
 
     def init_loss(self, s: Taps, t: Taps, step: "Step") -> torch.Tensor:
         """The loss of the initialisation stage. Default: the term itself."""
@@ -145,6 +161,11 @@ class KnowledgeSet(nn.Module):
     def needs_teacher(self) -> bool:
         return len(self.terms) > 0
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What a stage's optimizer trains of this set: the terms' adapters, without the parameters
+        a term trains by its own optimizer step (:meth:`KnowledgeTerm.own_parameters`)."""
+        return [p for term in self.terms.values() for p in term.trainable_parameters()]
+
     def setup(self, student_shapes: Mapping[str, tuple], teacher_shapes: Mapping[str, tuple], info=None) -> None:
         for term in self.terms.values():
             check_taps(term, "student", term.student_taps(), student_shapes)
@@ -164,4 +185,5 @@ class KnowledgeSet(nn.Module):
             value = term.weight * term(s, t, step)
             total = total + value
             logs[f"loss_{name}"] = value.detach()
+            logs.update(term.extra_logs())
         return total, logs

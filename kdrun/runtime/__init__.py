@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from kdrun.config import trainer_factories
+from kdrun.config import instantiate, to_plain, trainer_factories
 from kdrun.engine import distributed as dist
-from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.progress import progress_enabled
 from kdrun.engine.trainer import Trainer
 from kdrun.knowledge import KnowledgeSet
+from kdrun.loggers import RunLog, with_metrics_csv
 from kdrun.runtime.distiller import Distiller
 from kdrun.runtime.models import ModelFactory
 from kdrun.runtime.teachers import TeacherProvider, file_digest
@@ -39,11 +39,9 @@ class RunContext:
         self.knowledge = knowledge  # built at start-up (its checks ran there); schemes build fresh copies
         self.trainer = Trainer(cfg, data, device, amp_dtype, **trainer_factories(cfg),
                                progress=progress_enabled(cfg.trainer.progress), world=world, dry=dry)
-        metrics = MetricsWriter(None if dry else run_dir / "metrics.csv")
-        if not bool(cfg.trainer.resume):
-            metrics.rows = []
+        self.log = run_log(cfg, run_dir, world, dry)
         self.models = ModelFactory(cfg, data.info, device, world, dry)
-        self.distiller = Distiller(cfg, self.trainer, self.models, run_dir, metrics, dry)
+        self.distiller = Distiller(cfg, self.trainer, self.models, run_dir, self.log, dry)
         self.teachers = TeacherProvider(cfg, self.models, self.distiller, world, dry, amp_dtype)
 
     def evaluate_summary(self, model, prefix: str) -> dict:
@@ -51,3 +49,16 @@ class RunContext:
         ev = self.trainer.evaluate(model)
         log.info("%s %s: test top-1 %.2f%%", prefix, getattr(model, "arch", ""), ev["test_top1"])
         return {f"{prefix}_top1": ev["test_top1"], f"{prefix}_top5": ev["test_top5"]}
+
+
+def run_log(cfg: DictConfig, run_dir: Path, world: dist.World = dist.SINGLE, dry: bool = False) -> RunLog:
+    """The run's metrics sinks: metrics.csv and the trackers of ``cfg.logger`` (each a ``_target_``
+    node of conf/logger), opened on ``run_dir``. The preflight (``dry``) records nothing; under
+    torchrun only rank 0 reports to trackers (the other ranks keep a metrics.csv in their scratch dir)."""
+    if dry:
+        return RunLog()
+    nodes = cfg.get("logger") or {}
+    trackers = with_metrics_csv([instantiate(nodes[name]) for name in nodes] if world.is_main else [])
+    sinks = RunLog(trackers)
+    sinks.open(run_dir, to_plain(cfg), bool(cfg.trainer.resume))
+    return sinks

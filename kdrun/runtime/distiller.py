@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from kdrun.config import build_knowledge
-from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.trainer import FitResult, Trainer
 from kdrun.knowledge import KnowledgeSet
 from kdrun.runtime.models import ModelFactory
@@ -21,7 +21,8 @@ class Distiller:
     """Fits stages with the run's trainer, checkpoints (``<run dir>/checkpoints``) and metrics."""
 
     def __init__(self, cfg: DictConfig, trainer: Trainer, models: ModelFactory, run_dir: Path,
-                 metrics: MetricsWriter, dry: bool = False) -> None:
+                 metrics, dry: bool = False) -> None:
+        """``metrics``: the run's metrics sink (:class:`kdrun.loggers.RunLog`: metrics.csv and trackers)."""
         self.cfg, self.trainer, self.models, self.dry = cfg, trainer, models, dry
         self.run_dir, self.metrics = run_dir, metrics
 
@@ -29,9 +30,15 @@ class Distiller:
     def ckpt_dir(self) -> Path | None:
         return None if self.dry else self.run_dir / "checkpoints"
 
-    def fit(self, stage, node: DictConfig, *, label: str | None = None) -> FitResult:
-        """Train a stage of this run at ``node``'s lr for trainer.epochs."""
-        return self.trainer.fit(stage, epochs=int(self.cfg.trainer.epochs), lr=self.models.lr_for(node),
+    def fit(self, stage, node: DictConfig, *, label: str | None = None, data=None) -> FitResult:
+        """Train a stage of this run at ``node``'s lr for trainer.epochs. ``data``: training batches
+        of the stage's own instead of the run's (a data-free scheme's latent codes; the trainer still
+        scores on ``data.eval_batches()``)."""
+        trainer = self.trainer
+        if data is not None:
+            trainer = copy.copy(trainer)
+            trainer.data = data
+        return trainer.fit(stage, epochs=int(self.cfg.trainer.epochs), lr=self.models.lr_for(node),
                                 ckpt_dir=self.ckpt_dir, metrics=[self.metrics],
                                 resume=bool(self.cfg.trainer.resume), label=label)
 
@@ -70,6 +77,7 @@ class Distiller:
                                label=label or name)
         if cache is not None:
             log.info("teacher cache: %d batches read, %d computed (%s)", cache.hits, cache.misses, cache.size_note())
+            fit.counts.update(teacher_batches_cached=cache.hits, teacher_batches_computed=cache.misses)
         return fit
 
     def _init_stages(self, student, teacher, knowledge: KnowledgeSet, node: DictConfig, name: str, metrics,

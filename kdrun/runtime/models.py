@@ -9,6 +9,7 @@ from kdrun.config import instantiate_model
 from kdrun.engine import distributed as dist
 from kdrun.errors import CheckpointError
 from kdrun.models import count_macs, count_params, tap_shapes
+from kdrun.models.quantize import prepare_qat
 
 
 class ModelFactory:
@@ -18,9 +19,11 @@ class ModelFactory:
     def __init__(self, cfg: DictConfig, info, device: torch.device, world: dist.World = dist.SINGLE,
                  dry: bool = False) -> None:
         self.cfg, self.info, self.device, self.world, self.dry = cfg, info, device, world, dry
+        self.quantized = None  # the last model built for QAT (student.quantize): the run's student
 
     def build(self, node: DictConfig, seed: int | None = None) -> torch.nn.Module:
-        """A freshly initialised model of ``node`` (seeded with ``seed``, default cfg.seed)."""
+        """A freshly initialised model of ``node`` (seeded with ``seed``, default cfg.seed); prepared
+        for quantization-aware training where the node's ``quantize`` is set (the student role's key)."""
         info = self.info
         torch.manual_seed(int(self.cfg.seed) if seed is None else int(seed))
         try:
@@ -28,6 +31,9 @@ class ModelFactory:
                                       image_size=info.image_size)
         except CheckpointError as exc:  # a pretrained file that cannot be read or does not fit
             raise CheckpointError(f"{node._key() or 'model'}.pretrained={node.get('pretrained')}: {exc}") from None
+        if node.get("quantize"):
+            model = self.quantized = prepare_qat(model, str(node.quantize), info.in_chans, info.image_size,
+                                                 key=f"{node._key() or 'student'}.quantize")
         if self.world.active and bool(self.cfg.trainer.get("sync_bn", False)):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = self.place(model)

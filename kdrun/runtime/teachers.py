@@ -19,8 +19,10 @@ from kdrun.engine.io import write_json
 from kdrun.engine.metrics import MetricsWriter
 from kdrun.engine.store import MODEL_FILE, ModelStore
 from kdrun.errors import CheckpointError, DivergedError
+from kdrun.runtime.cache_policy import sweep_default
 from kdrun.runtime.distiller import Distiller
 from kdrun.runtime.models import ModelFactory
+from kdrun.runtime.shipping import write_model_files
 
 log = logging.getLogger("kdrun")
 
@@ -47,6 +49,7 @@ class TeacherProvider:
         self.sources: dict[str, str] = {}  # role -> checkpoint the model came from
         self.stored: dict[str, dict] = {}  # role -> store payload (accuracies) of store-trained models
         self.keys: dict[str, str] = {}  # role -> identity of its weights (recipe hash or file digest)
+        self.models_by_role: dict[str, torch.nn.Module] = {}  # role -> the model obtained
 
     def recipe(self, node: DictConfig) -> dict:
         """Everything that determines a baseline-trained model (the store's key)."""
@@ -57,6 +60,7 @@ class TeacherProvider:
             "seed": int(cfg.seed), "epochs": self.models.epochs_for(node), "batch_size": int(cfg.trainer.batch_size),
             "lr": self.models.lr_for(node), "optim": {k: v for k, v in to_plain(cfg.optim).items() if k != "lr"},
             "sched": to_plain(cfg.sched), "limit_train_batches": cfg.trainer.limit_train_batches,
+            **({"quantize": str(node.quantize)} if node.get("quantize") else {}),  # a QAT student baseline
         }
 
     def obtain(self, node: DictConfig, role: str, teacher=None, teacher_role: str | None = None,
@@ -69,6 +73,7 @@ class TeacherProvider:
         """
         seed = int(self.cfg.seed) if init_seed is None else int(init_seed)
         model = self.models.build(node, seed)
+        self.models_by_role[role] = model
         if node.get("checkpoint"):
             return self._from_checkpoint(model, node, role)
         if self.dry:  # preflight: an untrained model stands in for the stored one
@@ -134,23 +139,43 @@ class TeacherProvider:
         summary = {"status": "ok", "model": str(node.name), "role": role, **fit.as_summary("model"),
                    "top1": fit.top1_last, "recipe": recipe}
         write_json(entry_dir / "summary.json", summary)
+        # the portable copy first: the entry counts as trained once model.pt exists
+        write_model_files(entry_dir / "model.safetensors", node, fresh, self.models.info, top1=fit.top1_last,
+                          top1_best=fit.top1_best, epochs=epochs)
         save_checkpoint(entry_dir / MODEL_FILE, fresh, top1=fit.top1_last, top1_best=fit.top1_best, epochs=epochs)
         return summary
 
     def cache(self, node: DictConfig, role: str, taps: set[str]):
-        """The teacher-output cache of ``role`` when ``node.cache`` is set (else None)."""
+        """The teacher-output cache of ``role`` when ``node.cache`` is set, or by default in a sweep
+        whose jobs share the teacher and the data plan (:mod:`kdrun.runtime.cache_policy`); else None."""
         from kdrun.engine.cache import TeacherCache, cache_dtype
 
-        if not node.get("cache") or self.dry:
+        if self.dry or not (node.get("cache") or sweep_default(self.cfg, node, role,
+                                                                lambda: self._run_bytes(node, role, taps))):
             return None
-        dtype = cache_dtype(str(node.get("cache_dtype") or "auto"), self.amp_dtype)
+        spec = str(node.get("cache_dtype") or "auto")
+        dtype = cache_dtype(spec)
         topk = node.get("cache_topk")
         key = {
             "teacher": self.keys[role], "dataset": self.recipe(node)["dataset"], "seed": int(self.cfg.seed),
             "batch_size": int(self.cfg.trainer.batch_size), "taps": sorted(taps), "amp": amp_name(self.amp_dtype),
-            "dtype": str(dtype), "topk": topk, "version": 1,
+            # auto keeps the computed dtype: fp32 runs keep the key of the float32 files they always wrote
+            "dtype": str(dtype if dtype is not None else torch.float32 if self.amp_dtype is None else "computed"),
+            "topk": topk, "version": 1,
         }
+        if self.world.active:  # each rank computes its own share of every batch
+            key["shard"] = [self.world.rank, self.world.size]
         cache = TeacherCache(self.cfg.paths.cache, key, self.models.device, dtype, topk=topk,
                              num_classes=self.models.info.num_classes)
         log.info("teacher cache: %s", cache.size_note())
         return cache
+
+    def _run_bytes(self, node: DictConfig, role: str, taps: set[str]) -> int:
+        """What ``role``'s outputs ``taps`` for every epoch of this run take in the cache."""
+        from kdrun.engine.cache import estimate_epoch_bytes
+
+        model = self.models_by_role.get(role)
+        shapes = self.models.shapes(model) if model is not None else {"logits": (self.models.info.num_classes,)}
+        itemsize = 4 if self.amp_dtype is None else 2
+        known = {t for t in taps if t in shapes}
+        return int(self.cfg.trainer.epochs) * estimate_epoch_bytes(shapes, self.models.info.n_train, known, itemsize)

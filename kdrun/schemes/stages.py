@@ -24,6 +24,18 @@ def wants_preact(taps: set[str]) -> bool:
     return any(t.endswith("_preact") for t in taps)
 
 
+def to_cpu(value):
+    """A state-dict entry on the CPU: tensors detached, and inside the nested dicts and lists of a
+    module's ``get_extra_state`` (an own optimizer's state) too."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
 def tapped_forward(model: nn.Module, x: torch.Tensor, taps: set[str]) -> dict:
     """Logits alone when that is all that is needed, else every tap from one forward pass."""
     if wants_features(taps):
@@ -63,8 +75,7 @@ class SupervisedStage:
         return {}
 
     def extra_state(self) -> dict:
-        return {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
-                for name, m in self.extra_modules().items()}
+        return {name: {k: to_cpu(v) for k, v in m.state_dict().items()} for name, m in self.extra_modules().items()}
 
     def load_extra_state(self, state: dict) -> None:
         for name, module in self.extra_modules().items():
@@ -86,7 +97,8 @@ class DistillStage(SupervisedStage):
         self.cache = cache
 
     def parameters_to_train(self) -> list[nn.Parameter]:
-        return super().parameters_to_train() + [p for p in self.knowledge.parameters() if p.requires_grad]
+        """The student's and the terms' adapters; not what a term trains by its own step (a discriminator)."""
+        return super().parameters_to_train() + self.knowledge.trainable_parameters()
 
     def train(self) -> None:
         self.model.train()
