@@ -12,7 +12,6 @@ sweep; after Hydra returns, `kdrun -m` exits 1 when any of its jobs did not end 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -26,7 +25,7 @@ from omegaconf import DictConfig
 from kdrun import __version__
 from kdrun.config import CONF_DIR, check_overrides, component_class, normalize_argv, register_resolvers, set_search_path
 from kdrun.config.command_line import EXCLUDE_KEYS, check_command_line, job_dirname_override, split_argv
-from kdrun.errors import ConfigError, Interrupted, KdrunError
+from kdrun.errors import Interrupted, KdrunError, require_extra
 
 # Jobs of parallel and cluster launchers run in other processes; whichever way they load the task
 # function from this module, the resolver of the run-dir name must exist there as well.
@@ -70,13 +69,7 @@ def check_plugins(argv: list[str]) -> None:
         if not sep or choices is None or value.strip() not in choices:
             continue
         module, extra = choices[value.strip()]
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise ConfigError(f"{key.lstrip('+~')}={value} needs a Hydra plugin that is not installed: "
-                              f"pip install 'kdrun[{extra}]'")
+        require_extra(f"{key.lstrip('+~')}={value}", module, extra, needs="a Hydra plugin that is not installed")
 
 
 def pin_job_device(cfg: DictConfig, job_num: int | None = None, device_count: int | None = None) -> str | None:
@@ -240,12 +233,26 @@ def _report_sweep() -> None:
     older = len(outcome.table.rows) - len(outcome.jobs)
     extra = f"; {older} from an earlier sweep into this dir" if older > 0 else ""
     print(f"sweep table: {outcome.table.path} ({outcome.table.counts_text()}{extra})", flush=True)
+    cached, computed = (sum(_count(r.get(key)) for r in outcome.jobs)
+                        for key in ("teacher_batches_cached", "teacher_batches_computed"))
+    if cached:
+        print(f"teacher outputs: {cached} of {cached + computed} batches read from the cache, computed for "
+              f"{computed} (teacher.cache; per job in the teacher_batches_* columns)", flush=True)
     bad = outcome.not_ok
     if bad:
         nums = ", ".join(str(r.get("job")) for r in bad)
         _error(f"{len(bad)} of {len(outcome.jobs)} jobs did not end ok (job {nums}); "
                f"see the status and error columns of {outcome.table.path}")
         sys.exit(1)
+
+
+def _count(value) -> int:
+    """A results.csv count (a number, or empty / NaN / None for a job that has none) as an int."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0
+    return int(number) if number == number else 0
 
 
 def _on_sigterm(signum, frame) -> None:

@@ -47,6 +47,20 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+def require_extra(what: str, module: str, extra: str, needs: str | None = None) -> None:
+    """A ConfigError line unless ``module`` can be imported: ``<what> needs <needs>: pip install 'kdrun[<extra>]'``
+    (``needs``: by default "the <module> package, which is not installed")."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken parent package, or a module without a spec
+        found = False
+    if not found:
+        needs = needs or f"the {module} package, which is not installed"
+        raise ConfigError(f"{what} needs {needs}: pip install 'kdrun[{extra}]'")
+
+
 def choices_text(choices) -> str:
     """Render valid choices for an error message: ``a, b, c``."""
     return ", ".join(sorted(str(c) for c in choices))

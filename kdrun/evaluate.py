@@ -219,7 +219,7 @@ def print_result(result: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="kdrun-eval", description=__doc__.split("\n\n")[0].strip("`"))
+    parser = OneLineParser(prog="kdrun-eval", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("target", metavar="RUN_DIR|CHECKPOINT", help="a run dir (its checkpoints/best.pt) or a "
                         "checkpoint: best.pt, last.pt, a store's model.pt, student.safetensors")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import os
 import statistics
@@ -26,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kdrun.errors import CheckpointError, ConfigError, KdrunError, OneLineParser
+from kdrun.errors import CheckpointError, ConfigError, KdrunError, OneLineParser, require_extra
 
 #: the packages each format needs: (module, kdrun extra)
 NEEDS = {"onnx": [("onnx", "export"), ("onnxscript", "export"), ("onnxruntime", "export")], "torchscript": []}
@@ -36,9 +35,7 @@ FILES = {"onnx": "student.onnx", "torchscript": "student.pt"}
 # ---------------------------------------------------------------------------- the run's models
 def check_packages(fmt: str) -> None:
     for module, extra in NEEDS[fmt]:
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"--format {fmt} needs the {module} package, which is not installed: "
-                              f"pip install 'kdrun[{extra}]'")
+        require_extra(f"--format {fmt}", module, extra)
 
 
 def load_run(run_dir: str) -> tuple[Path, object, dict]:
@@ -251,7 +248,7 @@ def write_report(run_dir: Path, rows: dict, note: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="kdrun-export", description=__doc__.split("\n\n")[0].strip("`"))
+    parser = OneLineParser(prog="kdrun-export", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run dir (outputs/runs/<date>/<time>_...)")
     parser.add_argument("--format", choices=sorted(EXPORTERS), default="onnx", help="onnx (default) or torchscript")
     parser.add_argument("--exporter", choices=("dynamo", "classic"), default="dynamo",

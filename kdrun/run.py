@@ -399,12 +399,16 @@ def int8_summary(ctx: RunContext) -> dict:
         raise ConfigError(f"student.quantize={kind}: scheme={ctx.cfg.scheme.name} trains no model from student=; "
                           "use it with a scheme that does (offline, baseline, data_free, born_again, ...)")
     limit = ctx.cfg.trainer.limit_eval_batches
-    out = int8_report(ctx.models.quantized, ctx.data.eval_batches, None if limit is None else int(limit), dry=ctx.dry)
+    shipped = ctx.run_dir / "student_int8.pt" if ctx.trainer.world.is_main and not ctx.dry else None
+    out = int8_report(ctx.models.quantized, ctx.data.eval_batches, None if limit is None else int(limit), dry=ctx.dry,
+                      save_to=shipped)
     if not ctx.dry:
         log.info("student %s: test top-1 %.2f%% (same weights in fp32: %.2f%%), %d bytes (fp32 %d, %.1f%%), batch-1 "
                  "CPU latency %.2f ms (fp32 %.2f ms)", kind, out["student_int8_top1"], out["student_fp32_top1"],
                  out["student_int8_bytes"], out["student_fp32_bytes"], 100 * out["student_int8_size_ratio"],
                  out["student_int8_latency_ms"], out["student_fp32_latency_ms"])
+    if shipped is not None:
+        log.info("student %s: %s (TorchScript: torch.jit.load(path)(x) gives the logits)", kind, shipped)
     return out
 
 

@@ -305,7 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="few steps: about a minute on 2 CPU cores")
     p.add_argument("--sweep", action="store_true", help="also time a sweep's cached second run")
     p.add_argument("--batch", type=int, default=64, help="the batch of the efficiency and speedup lines")
-    p.add_argument("--big-batch", type=int, default=None, help="the larger batch (default 256; 128 with --quick; "
+    p.add_argument("--big-batch", type=int, default=None, help="the larger batch (default 256; none with --quick; "
                    "0: none)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per setting")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
@@ -320,9 +320,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="skip the plain reference loop (no speedup line)")
     args = p.parse_args(argv)
     args.mode = "cuda-graphs" if args.cuda_graphs else "compile" if args.compile else "eager"
-    args.steps = args.steps or (4 if args.quick else 30)
+    args.steps = args.steps or (10 if args.quick else 30)  # fewer steps: per-epoch costs weigh too much
     args.rounds = args.rounds or (2 if args.quick else 3)
-    args.big_batch = (128 if args.quick else 256) if args.big_batch is None else args.big_batch
+    args.big_batch = (0 if args.quick else 256) if args.big_batch is None else args.big_batch
     args.warmup = 2 if args.quick else 5
     return args
 

@@ -13,14 +13,13 @@ loader. A problem is one line ``build_cifar_npz: error: ...`` and exit status 2.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from kdrun.data.arrays import socket_timeout
 from kdrun.errors import DataError, OneLineParser
 
 PROG = "build_cifar_npz"
@@ -48,7 +47,7 @@ def load(name: str, root: Path, download: bool) -> dict[str, np.ndarray]:
     had_archive = archive.exists()
     fetch = download or (had_archive and not folder.is_dir())
     try:
-        with _socket_timeout(30):
+        with socket_timeout(30):
             train = cls(str(root), train=True, download=fetch)
         test = cls(str(root), train=False, download=False)
     except RuntimeError:  # torchvision: "Dataset not found or corrupted"
@@ -63,17 +62,6 @@ def load(name: str, root: Path, download: bool) -> dict[str, np.ndarray]:
     return {"x_train": np.asarray(train.data, dtype=np.uint8), "y_train": np.asarray(train.targets, dtype=np.int64),
             "x_test": np.asarray(test.data, dtype=np.uint8), "y_test": np.asarray(test.targets, dtype=np.int64),
             "class_names": np.asarray([str(c) for c in train.classes])}
-
-
-@contextlib.contextmanager
-def _socket_timeout(seconds: float):
-    """Bound each network wait so that an offline download fails instead of hanging."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def write(arrays: dict[str, np.ndarray], out: Path) -> None:

@@ -33,7 +33,7 @@ def term_with_fixed_weights(**kwargs) -> Adversarial:
     return term
 
 
-def test_discriminator_and_student_losses_equal_meal_on_the_same_tensors():
+def test_parity_discriminator_and_student_losses_equal_meal_on_the_same_tensors():
     """Reference: AaronHeee/MEAL @ fd4a23a8ed360dfe91ad6fc55d3214434c1b82d8, models/discriminator.py
     Discriminator(10, K=2) (its three 1x1 convs given the weights above) and loss.py
     discriminatorLoss([s], [t]) for D's loss and gradients; the student's term is torch's

@@ -214,3 +214,4 @@ def test_a_real_multirun_reports_the_saving_in_results_csv(tmp_path):
     with open(tmp_path / "sweep" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["teacher_batches_cached"], r["teacher_batches_computed"]) for r in rows] == [("0", "2"), ("2", "0")]
+    assert "teacher outputs: 2 of 4 batches read from the cache, computed for 2" in proc.stdout

@@ -23,7 +23,7 @@ from kdrun.schemes.data_free import BNStatistics, DAFLGenerator, DataFree, dafl_
 # cifar10/deepinversion_cifar10.py, on the same seeded tensors as below.
 
 
-def test_generator_equals_dafl_given_the_same_weights():
+def test_parity_generator_equals_dafl_given_the_same_weights():
     g = DAFLGenerator(latent_dim=6, channels=1, size=(8, 8))
     gen = torch.Generator().manual_seed(3)
     for p in g.parameters():  # the same parameter order as DAFL's Generator
@@ -37,7 +37,7 @@ def test_generator_equals_dafl_given_the_same_weights():
     assert DAFLGenerator(6, 3, (30, 30))(z).shape == (5, 3, 30, 30)  # any size: the last upsampling goes there
 
 
-def test_generator_losses_equal_dafl():
+def test_parity_generator_losses_equal_dafl():
     gen = torch.Generator().manual_seed(5)
     logits, features = torch.randn(7, 10, generator=gen) * 3, torch.randn(7, 16, generator=gen)
     parts = dafl_losses(logits, features)
@@ -46,7 +46,7 @@ def test_generator_losses_equal_dafl():
     assert parts["activation"].item() == pytest.approx(-0.7674802541732788, abs=1e-6)
 
 
-def test_bn_prior_equals_deepinversion_and_leaves_no_hook_behind():
+def test_parity_bn_prior_equals_deepinversion_and_leaves_no_hook_behind():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5))
     gen = torch.Generator().manual_seed(6)
     for m in net.modules():

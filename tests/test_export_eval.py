@@ -96,7 +96,7 @@ def test_eval_and_export_of_a_path_that_is_no_run_are_one_line(tmp_path, capsys)
         assert len(err) == 1 and err[0].startswith(f"{name}: error: ") and "nothing" in err[0]
 
 
-def test_ece_equals_torchmetrics():
+def test_parity_ece_equals_torchmetrics():
     # torchmetrics 1.9.0 (PyPI), torchmetrics/functional/classification/calibration_error.py,
     # multiclass_calibration_error(logits.softmax(1), target, num_classes=10, n_bins=15, norm="l1")
     # on these seeded tensors (run outside the project): 0.20430158078670502

@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdrun.errors import ConfigError
+from kdrun.data import build_data
+from kdrun.errors import CheckpointError, ConfigError
+from kdrun.evaluate import evaluate
 from kdrun.models import create_model
 from kdrun.models.quantize import QATStudent, prepare_qat, state_bytes, to_float, to_int8, untraceable_classes
 from kdrun.run import run, validate_run_config
@@ -71,6 +73,21 @@ def test_int8_run_reports_sizes_accuracies_and_latency_with_a_feature_term(compo
     assert 0 < summary["student_int8_bytes"] < 0.45 * summary["student_fp32_bytes"]
     assert summary["student_int8_size_ratio"] == pytest.approx(summary["student_int8_bytes"] / summary["student_fp32_bytes"],
                                                                abs=1e-6)
+    # the int8 student ships as TorchScript that torch alone runs: its top-1 is the summary's
+    shipped = torch.jit.load(str(tmp_path / "r" / "student_int8.pt"))
+    correct = seen = 0
+    data = build_data(cfg.dataset, batch_size=8, eval_batch_size=int(cfg.trainer.eval_batch_size),
+                      device=torch.device("cpu"), seed=0, channels_last=False)
+    limit = cfg.trainer.limit_eval_batches
+    for i, (x, y) in enumerate(data.eval_batches()):
+        if limit is not None and i >= limit:
+            break
+        correct += int((shipped(x.float()).argmax(1) == y).sum())
+        seen += y.numel()
+    assert 100.0 * correct / seen == pytest.approx(summary["student_int8_top1"])
+    assert not (tmp_path / "r" / "student.safetensors").exists()
+    with pytest.raises(CheckpointError, match="student.quantize=int8: the int8 student is .*student_int8.pt"):
+        evaluate(str(tmp_path / "r"))
 
 
 def test_bad_quantize_values_are_one_line(compose_tiny, tmp_path):

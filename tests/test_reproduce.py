@@ -144,14 +144,14 @@ def test_a_malformed_published_csv_is_one_line_naming_the_value(text, message):
 def test_bad_input_is_one_line_and_exit_status_2(args, message, capsys, tmp_path):
     assert main([*args, "--out", str(tmp_path), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("reproduce: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("kdrun-reproduce: error: ") and message in err and err.count("\n") == 1
 
 
 def test_the_script_is_a_thin_wrapper(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "--pairs", "nope",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("reproduce: error: unknown pair 'nope'; valid: ")
+    assert proc.stderr.startswith("kdrun-reproduce: error: unknown pair 'nope'; valid: ")
 
 
 def test_dry_run_commands(capsys, tmp_path):

@@ -122,7 +122,7 @@ def test_python_m_kdrun_report_rebuilds_the_same_table(grid, tmp_path):
                           capture_output=True, text=True, check=False, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"python -m kdrun.report: error: sweep dir '{tmp_path / 'nope'}' does not exist"]
+        f"kdrun-report: error: sweep dir '{tmp_path / 'nope'}' does not exist"]
 
 
 def test_compare_on_a_real_sweep_dir(grid, tmp_path, capsys, monkeypatch):

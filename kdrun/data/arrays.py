@@ -242,7 +242,7 @@ def load_fashion_mnist(root: Path) -> Splits:
 
 # --------------------------------------------------------------------------- CIFAR via torchvision
 @contextlib.contextmanager
-def _socket_timeout(seconds: float):
+def socket_timeout(seconds: float):
     """Bound each network wait so that an offline download fails instead of hanging."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(seconds)
@@ -296,7 +296,7 @@ def load_cifar(torchvision_class: str, root: Path, download: bool, *, name: str)
         created = _first_missing(root)
         before = set(root.iterdir()) if created is None and root.is_dir() else set()
         try:
-            with _socket_timeout(30):
+            with socket_timeout(30):
                 train = cls(str(root), train=True, download=True)
             test = cls(str(root), train=False, download=False)
         except Exception as exc:  # noqa: BLE001 - any failure means: not available offline

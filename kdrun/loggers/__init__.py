@@ -12,12 +12,11 @@ resume, sweep tables and reports read it.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Iterable
 
-from kdrun.errors import ConfigError
+from kdrun.errors import require_extra
 
 log = logging.getLogger("kdrun")
 
@@ -44,13 +43,7 @@ class Tracker:
         if cls.requires is None:
             return
         module, extra = cls.requires
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise ConfigError(f"logger={name} needs the {module} package, which is not installed: "
-                              f"pip install 'kdrun[{extra}]'")
+        require_extra(f"logger={name}", module, extra)
 
     def open(self, run_dir: Path, config: dict, resume: bool) -> None:
         """Start recording the run in ``run_dir`` (``config``: the resolved run config, plain)."""

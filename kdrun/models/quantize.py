@@ -207,10 +207,34 @@ def latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 
     return statistics.median(times)
 
 
-def int8_report(student: QATStudent, batches, limit: int | None = None, dry: bool = False) -> dict:
+class _Logits(nn.Module):
+    """``forward(x) = model(x)["logits"]``: the int8 graph as a plain classifier for TorchScript."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["logits"]
+
+
+def save_int8(int8: nn.Module, example: torch.Tensor, path) -> None:
+    """The int8 model as TorchScript (``torch.jit.load(path)(x)`` gives the logits on the CPU, with
+    torch alone: no kdrun needed), written atomically. safetensors cannot hold quantized tensors."""
+    from kdrun.engine.io import atomic_write
+
+    with _quiet_ao(), warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")  # its pt2 successor
+        traced = torch.jit.trace(_Logits(int8).eval(), example.cpu().float())  # has no int8 CPU kernels
+        atomic_write(path, lambda f: torch.jit.save(traced, f), mode="wb")
+
+
+def int8_report(student: QATStudent, batches, limit: int | None = None, dry: bool = False,
+                save_to=None) -> dict:
     """The int8 model and the same weights in fp32 (folded BN), both on the CPU: test top-1, file
-    size and batch-1 latency (``batches()`` gives the test split). ``dry``: convert and score two
-    images (the preflight), no timing."""
+    size and batch-1 latency (``batches()`` gives the test split); ``save_to``: a path where the int8
+    model is written as TorchScript (:func:`save_int8`). ``dry``: convert and score two images (the
+    preflight), no timing, nothing written."""
     int8, fp32 = to_int8(student), to_float(student)
     out = {"student_int8_top1": cpu_top1(int8, batches(), limit, dry),
            "student_fp32_top1": cpu_top1(fp32, batches(), limit, dry)}
@@ -222,4 +246,6 @@ def int8_report(student: QATStudent, batches, limit: int | None = None, dry: boo
     x, _ = next(iter(batches()))
     x = x[:1].cpu().float()
     out["student_int8_latency_ms"], out["student_fp32_latency_ms"] = latency_ms(int8, x), latency_ms(fp32, x)
+    if save_to is not None:
+        save_int8(int8, x, save_to)
     return out

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from kdrun.errors import KdrunError, OneLineParser
 from kdrun.report.sweep import refresh_results
 
-PROG = "python -m kdrun.report"
+PROG = "kdrun-report"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,7 +23,7 @@ from kdrun.reproduce import catalog, report
 from kdrun.reproduce import plan as planning
 from kdrun.reproduce import published as published_numbers
 
-PROG = "reproduce"
+PROG = "kdrun-reproduce"
 
 
 def _positive(flag: str):

@@ -53,6 +53,10 @@ def ship_student(run_dir: Path, node: DictConfig, info, summary: dict) -> Path |
     best = run_dir / "checkpoints" / "best.pt"
     if not best.is_file():
         return None
+    if node.get("quantize"):
+        log.info("student.safetensors: not written (student.quantize=%s: the student ships as student_int8.pt, "
+                 "TorchScript; safetensors holds no quantized tensors)", node.quantize)
+        return None
     payload = read_checkpoint(best)
     with torch.random.fork_rng(devices=[]):
         model = instantiate_model(node, num_classes=info.num_classes, in_chans=info.in_chans,
@@ -92,7 +96,16 @@ def read_summary(run_dir: Path | None) -> dict:
 
 
 def student_weights(run_dir: Path) -> Path:
-    """A run's student weights: checkpoints/best.pt (the best epoch), else student.safetensors."""
+    """A run's student weights: checkpoints/best.pt (the best epoch), else student.safetensors. A run
+    with ``student.quantize`` is refused in one line (its student is the TorchScript student_int8.pt)."""
+    from omegaconf import OmegaConf
+
+    quantize = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "student.quantize", default=None) \
+        if (run_dir / "config.yaml").is_file() else None
+    if quantize:
+        raise CheckpointError(f"{run_dir} trained its student with student.quantize={quantize}: the int8 student is "
+                              f"{run_dir / 'student_int8.pt'} (TorchScript: torch.jit.load), scored in summary.json "
+                              "(student_int8_top1); kdrun-eval and kdrun-export take float students")
     for path in (run_dir / "checkpoints" / "best.pt", run_dir / "student.safetensors"):
         if path.is_file():
             return path

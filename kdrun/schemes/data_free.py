@@ -262,7 +262,7 @@ def _number(key: str, value, minimum: float = 0.0, above: bool = False, integer:
 
 
 class DataFree(Scheme):
-    """``kdrun scheme=data_free teacher=resnet34 student=resnet18 loss=kd``: DAFL's generator teaches
+    """``kdrun scheme=data_free teacher=resnet56 student=resnet20 loss=kd``: DAFL's generator teaches
     the student through the frozen teacher; reports the teacher (trained on the real data, or given)
     and the student, both scored on the real test split."""
 
