@@ -64,6 +64,7 @@ def test_an_untraceable_module_runs_as_a_leaf():
     assert to_int8(student.eval())(torch.randn(2, 1, 16, 16))["logits"].shape == (2, 10)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_int8_run_reports_sizes_accuracies_and_latency_with_a_feature_term(compose_tiny, tmp_path):
     cfg, ov = compose_tiny("student.quantize=int8", "loss=kd+fitnet")
     summary = run(cfg, run_dir=tmp_path / "r", overrides=ov)

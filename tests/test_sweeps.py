@@ -363,9 +363,11 @@ def test_gpu_pinning_is_a_no_op_on_cpu(compose_tiny):
 
 
 def test_missing_launcher_plugin_is_one_line_naming_the_extra(monkeypatch):
+    import importlib.util
+
     from kdrun import cli
 
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"hydra/launcher=slurm needs a Hydra plugin .*pip install 'kdrun\[slurm\]'"):
         cli.check_plugins(["loss=kd", "hydra/launcher=slurm"])
     with pytest.raises(ConfigError, match=r"kdrun\[optuna\]"):
