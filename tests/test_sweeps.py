@@ -363,8 +363,6 @@ def test_gpu_pinning_is_a_no_op_on_cpu(compose_tiny):
 
 
 def test_missing_launcher_plugin_is_one_line_naming_the_extra(monkeypatch):
-    import importlib.util
-
     from kdrun import cli
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
