@@ -71,7 +71,7 @@ class TapModel(nn.Module):
         if preact and not self.supports_preact:
             raise ConfigError(
                 f"model '{self.arch}' does not provide pre-activation taps (preact=True); "
-                "choose a kdrun zoo model or a scheme that reads post-activation features"
+                "choose a kdrun zoo model (without student.quantize) or a term that reads post-activation features"
             )
 
     def extra_repr(self) -> str:

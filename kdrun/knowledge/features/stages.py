@@ -62,6 +62,7 @@ class StagePairsTerm(KnowledgeTerm):
         if f"{tap}_preact" not in shapes:
             raise ConfigError(
                 f"loss.{self.name} reads pre-activation taps ({tap}_preact) that the {side} does not "
-                "provide (timm models have none); use a kdrun zoo model"
+                "provide (timm models and a student.quantize student have none); use a kdrun zoo model "
+                "without student.quantize"
             )
         return f"{tap}_preact"
