@@ -15,10 +15,8 @@ import argparse
 import csv
 import io
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 from kdrun.errors import CheckpointError, ConfigError, KdrunError, OneLineParser, require_extra
+from kdrun.models import latency_ms
 
 #: the packages each format needs: (module, kdrun extra)
 NEEDS = {"onnx": [("onnx", "export"), ("onnxscript", "export"), ("onnxruntime", "export")], "torchscript": []}
@@ -145,20 +144,6 @@ class _quiet_stdout:
         return False
 
 
-@torch.inference_mode()
-def latency_ms(run: Callable, example: torch.Tensor, repeats: int) -> float:
-    """Median wall time (ms) of ``run(example)`` over ``repeats`` calls after warm-up calls (TorchScript
-    optimises its graph during its first calls)."""
-    for _ in range(max(10, repeats // 5)):
-        run(example)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(example)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
-
-
 # ---------------------------------------------------------------------------- the command
 def export(run_dir: str, fmt: str = "onnx", batch: int = 8, repeats: int = 50, exporter: str = "dynamo") -> dict:
     """Export the student, check it, time teacher and student, write the compression report."""
@@ -180,7 +165,8 @@ def export(run_dir: str, fmt: str = "onnx", batch: int = 8, repeats: int = 50, e
         for role, (model, weights) in models.items():
             exported = out if role == "student" else Path(scratch) / f"{role}{out.suffix}"
             run = runner if role == "student" else EXPORTERS[fmt](model, one, exported, exporter)
-            rows[role] = report_row(role, model, weights, exported, latency_ms(run, one, repeats), summary, shape)
+            latency = latency_ms(run, one, repeats, warmup=max(10, repeats // 5))
+            rows[role] = report_row(role, model, weights, exported, latency, summary, shape)
     runtime = "onnxruntime (CPU)" if fmt == "onnx" else f"torchscript on {torch.get_num_threads()} threads"
     note = f"batch-1 latency: median of {repeats} runs, {runtime}, {os.cpu_count()} CPU cores"
     write_report(path, rows, note)

@@ -7,6 +7,6 @@ their ``_target_``; :func:`create_model` is the shorthand for Python callers.
 """
 
 from kdrun.models.base import TapModel, tap_shapes
-from kdrun.models.factory import ZOO, count_macs, count_params, create_model, timm_model, zoo_model
+from kdrun.models.factory import ZOO, count_macs, count_params, create_model, latency_ms, timm_model, zoo_model
 
-__all__ = ["ZOO", "TapModel", "count_macs", "count_params", "create_model", "tap_shapes", "timm_model", "zoo_model"]
+__all__ = ["ZOO", "TapModel", "count_macs", "count_params", "create_model", "latency_ms", "tap_shapes", "timm_model", "zoo_model"]

@@ -156,3 +156,20 @@ def count_macs(model: nn.Module, in_chans: int, image_size: int) -> int:
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
+
+
+@torch.inference_mode()
+def latency_ms(run, example: torch.Tensor, repeats: int, warmup: int) -> float:
+    """Median wall time (ms) of ``run(example)`` (a model, or an exported one's runner) over ``repeats``
+    calls, after ``warmup`` calls (TorchScript and quantized kernels settle during the first ones)."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        run(example)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(example)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import statistics
-import time
 import warnings
 
 import torch
@@ -24,6 +22,7 @@ from torch import nn
 
 from kdrun.errors import ConfigError
 from kdrun.models.base import TapModel
+from kdrun.models.factory import latency_ms
 
 BACKEND = "x86"
 KINDS = ("int8",)
@@ -194,19 +193,6 @@ def cpu_top1(model: nn.Module, batches, limit: int | None = None, dry: bool = Fa
     return 100.0 * correct / max(seen, 1)
 
 
-@torch.inference_mode()
-def latency_ms(model: nn.Module, x: torch.Tensor, runs: int = 30, warmup: int = 5) -> float:
-    """Median wall time (ms) of one forward pass on a batch of one image, on the CPU."""
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(1000.0 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 class _Logits(nn.Module):
     """``forward(x) = model(x)["logits"]``: the int8 graph as a plain classifier for TorchScript."""
 
@@ -245,7 +231,8 @@ def int8_report(student: QATStudent, batches, limit: int | None = None, dry: boo
     out["student_int8_size_ratio"] = out["student_int8_bytes"] / out["student_fp32_bytes"]
     x, _ = next(iter(batches()))
     x = x[:1].cpu().float()
-    out["student_int8_latency_ms"], out["student_fp32_latency_ms"] = latency_ms(int8, x), latency_ms(fp32, x)
+    out["student_int8_latency_ms"], out["student_fp32_latency_ms"] = (latency_ms(m, x, repeats=30, warmup=5)
+                                                                   for m in (int8, fp32))
     if save_to is not None:
         save_int8(int8, x, save_to)
     return out
