@@ -53,6 +53,13 @@ class DataSource(abc.ABC):
     path_fields: ClassVar[tuple[str, ...]] = ()
     #: fields that cannot change the data (whether to download it): left out of :meth:`identity`
     free_fields: ClassVar[tuple[str, ...]] = ()
+    #: an example value of the first of :attr:`path_fields`, shown when it is not set
+    path_example: ClassVar[str] = "/path/to/data"
+
+    def location(self) -> Path:
+        """The file or folder the data lives in (the first of :attr:`path_fields`), which must be set:
+        null or blank is a DataError showing how to set it (:func:`required_path`)."""
+        return required_path(self, self.path_fields[0], self.path_example)
 
     def identity(self) -> dict:
         """What determines the data, as plain values (part of a stored model's recipe): every field,

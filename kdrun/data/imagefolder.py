@@ -24,7 +24,6 @@ from kdrun.data.base import (
     at_least,
     channel_floats,
     check_padding,
-    required_path,
 )
 from kdrun.data.module import Batch, DataInfo, DataModule
 from kdrun.errors import ConfigError, DataError
@@ -106,6 +105,7 @@ class ImageFolder(DataSource):
 
     root: str | None
     path_fields = ("root",)
+    path_example = ROOT_EXAMPLE
     free_fields = ("num_workers",)
     image_size: int
     num_workers: int
@@ -113,14 +113,14 @@ class ImageFolder(DataSource):
     def __post_init__(self) -> None:
         at_least(self, "image_size", self.image_size, 1)
         at_least(self, "num_workers", self.num_workers, 0)
-        required_path(self, "root", ROOT_EXAMPLE)
+        self.location()
         super().__post_init__()
 
     def shape(self) -> tuple[int, int]:
         return self.image_size, 3
 
     def check(self) -> None:
-        root = required_path(self, "root", ROOT_EXAMPLE)
+        root = self.location()
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise DataError(f"dataset.root={root} has no {split}/ folder; dataset.root must hold train/ and "
@@ -134,7 +134,7 @@ class ImageFolderDataModule(DataModule):
     """Batches from image folders via a DataLoader, augmented on the device."""
 
     def __init__(self, source: ImageFolder, *, device: torch.device, **kwargs):
-        root = required_path(source, "root", ROOT_EXAMPLE)
+        root = source.location()
         image_size = source.image_size
         self.num_workers = source.num_workers
         pad = source.augment.crop_padding

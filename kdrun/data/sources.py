@@ -13,7 +13,7 @@ from kdrun.data.arrays import (
     load_fashion_mnist_mini,
     load_npz,
 )
-from kdrun.data.base import ArraySource, required_path
+from kdrun.data.base import ArraySource
 from kdrun.errors import DataError
 
 
@@ -28,15 +28,14 @@ class Cifar10(ArraySource):
     torchvision_class = "CIFAR10"  # torchvision.datasets.<this> reads and fetches the files
 
     def __post_init__(self) -> None:
-        required_path(self, "root", "/path/to/data")
+        self.location()
         super().__post_init__()
 
     def shape(self) -> tuple[int, int]:
         return 32, 3
 
     def load(self) -> Splits:
-        return load_cifar(self.torchvision_class, required_path(self, "root", "/path/to/data"), self.download,
-                          name=self.name)
+        return load_cifar(self.torchvision_class, self.location(), self.download, name=self.name)
 
 
 @dataclass
@@ -53,19 +52,20 @@ class Npz(ArraySource):
 
     path: str | None
     path_fields = ("path",)
+    path_example = "/path/to/file.npz"
 
     def __post_init__(self) -> None:
-        required_path(self, "path", "/path/to/file.npz")
+        self.location()
         super().__post_init__()
 
     def check(self) -> None:
-        path = required_path(self, "path", "/path/to/file.npz")
+        path = self.location()
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "no such file"
             raise DataError(f"dataset.path={path}: {what} (expected a .npz with x_train, y_train, x_test, y_test)")
 
     def load(self) -> Splits:
-        return load_npz(required_path(self, "path", "/path/to/file.npz"))
+        return load_npz(self.location())
 
 
 @dataclass
@@ -74,19 +74,20 @@ class FashionMnist(ArraySource):
 
     root: str | None
     path_fields = ("root",)
+    path_example = "/usr/share/datasets/fashion-mnist"
 
     def __post_init__(self) -> None:
-        required_path(self, "root", "/usr/share/datasets/fashion-mnist")
+        self.location()
         super().__post_init__()
 
     def shape(self) -> tuple[int, int]:
         return 28, 1
 
     def check(self) -> None:
-        find_fashion_mnist_files(required_path(self, "root", "/usr/share/datasets/fashion-mnist"))
+        find_fashion_mnist_files(self.location())
 
     def load(self) -> Splits:
-        return load_fashion_mnist(required_path(self, "root", "/usr/share/datasets/fashion-mnist"))
+        return load_fashion_mnist(self.location())
 
 
 @dataclass
