@@ -28,6 +28,8 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdrun.errors import ConfigError
+
 log = logging.getLogger("kdrun")
 
 #: swept keys (and their sub-keys) that change neither the teacher nor an epoch's batches
@@ -68,7 +70,7 @@ def sweep_context() -> tuple[list[str], list[str]] | None:
 
 def swept_keys(path: Path) -> list[str] | None:
     """The keys a multirun varies, from its ``multirun.yaml``; None without a readable one."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from kdrun.config import parse_override
 
     try:
         cfg = OmegaConf.load(path)
@@ -77,11 +79,10 @@ def swept_keys(path: Path) -> list[str] | None:
     except Exception:  # noqa: BLE001 - missing or unreadable: the caller is conservative
         return None
     keys = [str(k) for k in params]
-    parser = OverridesParser.create()
     for text in task:
         try:
-            override = parser.parse_override(str(text))
-        except Exception:  # noqa: BLE001
+            override = parse_override(str(text))
+        except ConfigError:
             keys.append(str(text).split("=", 1)[0].lstrip("+~"))
             continue
         if override.is_sweep_override():
