@@ -542,13 +542,10 @@ def to_plain(node: Any) -> Any:
 def parse_overrides(texts: Iterable[str]) -> list[tuple[str, Any]]:
     """(key, typed value) of command-line overrides as Hydra's grammar reads them; hydra.* and
     deletions left out; text Hydra cannot parse is kept as ``key`` and the raw value."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
     items = []
     for text in texts:
         try:
-            ov = parser.parse_override(text)
+            ov = _parser().parse_override(text)
         except Exception:  # noqa: BLE001 - keep what was typed
             key, _, value = text.partition("=")
             items.append((key.lstrip("+~"), value))

@@ -133,7 +133,7 @@ def read_job(job_dir: str | Path) -> JobRow | None:
 # ---------------------------------------------------------------------------- table
 def swept_keys(sweep_dir: str | Path) -> list[str] | None:
     """The keys a multirun swept (several values), from Hydra's ``multirun.yaml``; None without one."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from kdrun.config import parse_override
 
     data = _read_yaml(Path(sweep_dir) / "multirun.yaml")
     if data is None:
@@ -142,12 +142,11 @@ def swept_keys(sweep_dir: str | Path) -> list[str] | None:
         task = data["hydra"]["overrides"]["task"]
     except (KeyError, TypeError):
         return None
-    parser = OverridesParser.create()
     keys = []
     for text in task or []:
         try:
-            ov = parser.parse_override(str(text))
-        except Exception:  # noqa: BLE001
+            ov = parse_override(str(text))
+        except ConfigError:
             continue
         if ov.is_sweep_override() and not ov.key_or_group.startswith("hydra"):
             keys.append(ov.key_or_group)
